@@ -1,0 +1,28 @@
+// lamina-net: the one registry of LAMINA_NET_* environment settings.
+//
+// Every tunable is declared in settings.cpp with its default and a one-line
+// description; `lamina-net info` prints the table. Values are read from the
+// environment each time they are asked for (cheap; only at setup time).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace lamina {
+
+struct SettingInfo {
+  std::string name;           // without the LAMINA_NET_ prefix
+  std::string default_value;
+  std::string description;
+};
+
+const std::vector<SettingInfo>& all_settings();
+
+// Value of LAMINA_NET_<name>, or the registered default. Throws kUsage for an
+// unregistered name (so typos in code are caught by tests).
+std::string setting_string(const std::string& name);
+int64_t setting_int(const std::string& name);
+double setting_double(const std::string& name);
+
+}  // namespace lamina

@@ -1,0 +1,159 @@
+// lamina-net: the one interface every transport implements (tcp, shm, verbs).
+//
+// A Transport is per endpoint: it registers memory (if it needs to) and makes
+// Connections. A Connection joins this rank and one peer and executes
+// operations on regions. Everything above this layer is transport-agnostic.
+//
+// Contracts every Connection honours:
+// - Ordering: operations posted on one connection are applied at the target in
+//   posting order. A put's signal is applied only after that put's data is
+//   visible at the target, so a receiver that sees the signal may read the data.
+// - Validation: the channel layer has already checked the local slice and the
+//   remote slice against the descriptor (bounds, rights). Transports whose
+//   target side applies operations (tcp, shm) validate again at the target
+//   against the target's RegionTable and never write outside a region.
+// - Completion: post_* return once the source memory may be reused ("local
+//   completion"), blocking at most until `deadline` when the transport is
+//   backed up (then kTimeout). An OpState passed in completes later: for put /
+//   atomic / flush when the operation is applied at the target; for send when
+//   the message is handed to the transport; for recv when a message arrived.
+// - Errors: any failure (peer gone, hostile frame, work completion error) fails
+//   the connection: failed() turns true with the first reason, pending
+//   OpStates fail with it, and later posts throw kSystem with it (sticky).
+// - Threads: post_*, progress() and close() may be called from any thread.
+//   Blocking waits happen above this layer (OpState::wait), which calls
+//   progress() while spinning so that the waiting thread drives the transport.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "common/clock.hpp"
+#include "common/kv_store.hpp"
+#include "memory/region.hpp"
+
+namespace lamina {
+
+// Completion object of one operation. Shared between the poster and the
+// transport; polled or waited on by the handle that the user holds.
+class OpState {
+ public:
+  enum State : int { kPending = 0, kDone = 1, kFailed = 2 };
+  bool done() const { return state_.load(std::memory_order_acquire) != kPending; }
+  bool failed() const { return state_.load(std::memory_order_acquire) == kFailed; }
+  int state() const { return state_.load(std::memory_order_acquire); }
+  // Result: bytes received (recv), old value (atomic add), 0 otherwise.
+  uint64_t value() const { return value_; }
+  std::string error() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return error_;
+  }
+  void complete(uint64_t value = 0) {
+    value_ = value;
+    state_.store(kDone, std::memory_order_release);
+  }
+  void fail(const std::string& why) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (state_.load(std::memory_order_relaxed) != kPending) return;
+      error_ = why;
+    }
+    state_.store(kFailed, std::memory_order_release);
+  }
+
+ private:
+  std::atomic<int> state_{kPending};
+  uint64_t value_ = 0;
+  mutable std::mutex mutex_;
+  std::string error_;
+};
+using OpRef = std::shared_ptr<OpState>;
+
+// Source of a put: local bytes, optionally inside a registered region (verbs
+// needs the region's lkey; tcp/shm do not).
+struct LocalSlice {
+  const void* ptr = nullptr;
+  uint64_t len = 0;
+  const Region* region = nullptr;  // null when the source is unregistered memory
+};
+
+// Destination of a put: [offset, offset+len) of a peer's region.
+struct RemoteSlice {
+  RegionDescriptor target;
+  uint64_t offset = 0;
+};
+
+// A 64-bit word in a peer's region to add to (signal or atomic add).
+struct RemoteWord {
+  RegionDescriptor target;
+  uint64_t offset = 0;  // must be 8-byte aligned
+  uint64_t add = 1;
+};
+
+// Everything a transport needs to connect one pair of ranks.
+struct ConnectParams {
+  int self_rank = 0;
+  int peer_rank = 0;
+  std::string key_prefix;   // unique per endpoint group + channel, for the store
+  uint64_t group_secret_hi = 0;
+  uint64_t group_secret_lo = 0;
+  KeyValueStore* store = nullptr;
+  RegionTable* regions = nullptr;  // this rank's regions (target-side validation)
+  Deadline deadline;
+  // Called (from any thread) whenever an inbound operation changed local
+  // memory that someone may be waiting on (a signal, an atomic, a message).
+  std::function<void()> on_inbound;
+};
+
+class Connection {
+ public:
+  virtual ~Connection() = default;
+  virtual const char* transport_name() const = 0;
+  int peer_rank() const { return peer_rank_; }
+
+  // One-sided write of `src` to `dst`; then, if `signal` is non-null, add
+  // signal->add to that remote 64-bit word. `done` (nullable) completes when
+  // data (and signal) are applied at the target.
+  virtual void post_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal,
+                        const OpRef& done, Deadline deadline) = 0;
+  // Remote 64-bit fetch-and-add; done->value() is the previous value.
+  virtual void post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) = 0;
+  // Two-sided, ordered messages. send copies or transmits `len` bytes before it
+  // returns (local completion); done (nullable) completes then too.
+  virtual void post_send(const void* data, uint64_t len, const OpRef& done, Deadline deadline) = 0;
+  // Posts a receive buffer; receives complete in posting order, each with the
+  // next message. A message longer than `capacity` fails the connection.
+  virtual void post_recv(void* buffer, uint64_t capacity, const OpRef& done) = 0;
+  // done completes when every operation posted before it is applied at the target.
+  virtual void post_flush(const OpRef& done, Deadline deadline) = 0;
+
+  // Non-blocking: drive inbound and outbound work. Returns true if it did any.
+  virtual bool progress() = 0;
+  // Idempotent. Pending operations fail with "connection closed".
+  virtual void close() = 0;
+  // True once the connection failed or closed; *why gets the first reason.
+  virtual bool failed(std::string* why) const = 0;
+
+ protected:
+  int peer_rank_ = -1;
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual const char* name() const = 0;
+  // Called for every region registered on the endpoint (and on the regions
+  // that exist when the transport is created). May fill region.rkey/lkey and
+  // region.registrations[slot]. Throws kUsage/kSystem when it cannot.
+  virtual void register_region(Region& region) { (void)region; }
+  virtual void deregister_region(Region& region) { (void)region; }
+  // Both ranks call connect with mirrored params; it returns once the pair is
+  // connected, or throws (kTimeout at params.deadline, kSystem otherwise).
+  virtual std::unique_ptr<Connection> connect(const ConnectParams& params) = 0;
+};
+
+}  // namespace lamina

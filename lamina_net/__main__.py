@@ -1,0 +1,5 @@
+import sys
+
+from lamina_net.cli import main
+
+sys.exit(main())
