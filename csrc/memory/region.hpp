@@ -21,6 +21,7 @@
 #include <shared_mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "common/clock.hpp"
 
@@ -109,6 +110,7 @@ class RegionTable {
   std::shared_ptr<Region> find_containing(const void* ptr, uint64_t len) const;
   std::shared_ptr<Region> get(uint64_t id) const;
   size_t count() const;
+  std::vector<std::shared_ptr<Region>> all() const;
 
  private:
   mutable std::shared_mutex mutex_;

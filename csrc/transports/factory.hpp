@@ -20,6 +20,7 @@ struct TransportContext {
   uint64_t secret_lo = 0;
   uint64_t host_id = 0;       // hash of hostname + boot id
   double connect_timeout_s = 60.0;
+  std::string tcp_host;       // address the tcp transport advertises to peers
 };
 
 std::unique_ptr<Transport> make_tcp_transport(const TransportContext& ctx);

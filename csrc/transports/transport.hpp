@@ -33,6 +33,7 @@
 #include <string>
 
 #include "common/clock.hpp"
+#include "common/error.hpp"
 #include "common/kv_store.hpp"
 #include "memory/region.hpp"
 
@@ -56,11 +57,15 @@ class OpState {
     value_ = value;
     state_.store(kDone, std::memory_order_release);
   }
-  void fail(const std::string& why) {
+  // kUsage for the caller's mistakes (a message too long for the buffer),
+  // kSystem for everything else.
+  ErrorKind error_kind() const { return error_kind_; }
+  void fail(const std::string& why, ErrorKind kind = ErrorKind::kSystem) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (state_.load(std::memory_order_relaxed) != kPending) return;
       error_ = why;
+      error_kind_ = kind;
     }
     state_.store(kFailed, std::memory_order_release);
   }
@@ -70,6 +75,7 @@ class OpState {
   uint64_t value_ = 0;
   mutable std::mutex mutex_;
   std::string error_;
+  ErrorKind error_kind_ = ErrorKind::kSystem;
 };
 using OpRef = std::shared_ptr<OpState>;
 

@@ -1,0 +1,177 @@
+// lamina-net: the endpoint (one per process and group) and its channels.
+//
+// An Endpoint owns the local RegionTable, the transports and the channels to
+// peers. A Channel joins this rank and one peer over one transport; it checks
+// every operation against the descriptors it is given (bounds, rights, owner,
+// group) before the transport sees it, and offers bounded waits.
+//
+// Contracts:
+// - Ordering: operations on one channel are applied at the target in issue
+//   order; a put's signal is applied after its data (see transport.hpp).
+// - Completion: put/send return when the source may be reused; the OpRef they
+//   return (when asked for) completes when the data is applied at the target
+//   (put) or handed to the transport (send). flush() waits until everything
+//   issued before it is applied at the target.
+// - Waits: every wait has a deadline; a timeout names the operation, the peer
+//   and what was expected versus seen. Waiting threads drive progress
+//   themselves (spin), then sleep until an inbound event.
+// - Errors: a channel error is sticky (later operations fail fast with the
+//   first reason); other channels are unaffected.
+// - Lifetimes: a Region must outlive operations that use it (deregistration
+//   waits for inbound writers); the Endpoint outlives its channels' use.
+//   close() is idempotent on Endpoint and Channel.
+// - Threads: all methods are thread-safe.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/kv_store.hpp"
+#include "memory/region.hpp"
+#include "transports/factory.hpp"
+#include "transports/transport.hpp"
+
+namespace lamina {
+
+struct EndpointOptions {
+  int rank = 0;
+  int world_size = 1;
+  std::string group = "default";
+  double timeout_s = 60.0;          // default bound of blocking calls
+  std::string tcp_host;             // advertised tcp address ("" = 127.0.0.1)
+  std::vector<std::string> transports = {"shm", "tcp", "verbs"};  // enabled
+  VerbsOptions verbs;
+};
+
+class Endpoint;
+
+class Channel {
+ public:
+  Channel(Endpoint* endpoint, int peer, std::string transport, std::unique_ptr<Connection> connection);
+  ~Channel();
+
+  int peer() const { return peer_; }
+  const std::string& transport() const { return transport_; }
+
+  // One-sided put of [src, src+len) into dst at dst_offset; then, if signal is
+  // given, add signal->add to that remote word. Returns when src may be reused.
+  // With want_completion, the returned op completes when applied at the target.
+  OpRef put(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
+            const RemoteWord* signal, bool want_completion, double timeout_s);
+  OpRef atomic_add(const RegionDescriptor& dst, uint64_t offset, uint64_t value, double timeout_s);
+  OpRef send(const void* data, uint64_t len, double timeout_s);
+  OpRef recv(void* buffer, uint64_t capacity);
+  OpRef flush(double timeout_s);
+
+  // Waits for op; throws kTimeout naming `what`, or the op's/channel's error.
+  void wait(const OpRef& op, double timeout_s, const std::string& what);
+  // Non-blocking check; throws the op's error if it failed.
+  bool test(const OpRef& op);
+  void progress();
+  bool failed(std::string* why) const;
+  void close();
+  bool closed() const { return closed_.load(); }
+  Connection* connection() { return connection_.get(); }
+
+ private:
+  void check_open() const;
+  void check_target(const RegionDescriptor& d, uint64_t offset, uint64_t len, uint32_t need, const char* what) const;
+  double resolve(double timeout_s) const;
+
+  Endpoint* endpoint_;
+  int peer_;
+  std::string transport_;
+  std::unique_ptr<Connection> connection_;
+  std::atomic<bool> closed_{false};
+};
+
+class Endpoint {
+ public:
+  Endpoint(const EndpointOptions& options, std::shared_ptr<KeyValueStore> store);
+  ~Endpoint();
+
+  int rank() const { return options_.rank; }
+  int world_size() const { return options_.world_size; }
+  uint64_t group_id() const { return group_id_; }
+  double default_timeout() const { return options_.timeout_s; }
+  const EndpointOptions& options() const { return options_; }
+  KeyValueStore& store() { return *store_; }
+
+  std::shared_ptr<Region> register_memory(void* base, uint64_t size, uint32_t access, MemoryKind kind, int device);
+  void deregister(uint64_t region_id, double timeout_s);
+  RegionDescriptor describe(const Region& region) const;
+  RegionTable& regions() { return regions_; }
+
+  // Both ranks call channel(peer, ...) with the same transport and tag.
+  // transport: "tcp", "shm", "verbs" or "auto". Returns the existing channel
+  // if one with this peer and tag exists.
+  std::shared_ptr<Channel> channel(int peer, const std::string& transport, int tag, double timeout_s);
+  // Which transport "auto" picks for peer, and why (for logs and `info`).
+  std::string choose_transport(int peer, Deadline deadline, std::string* why);
+  // Names of usable transports here; for verbs, *verbs_why says why not.
+  std::vector<std::string> available_transports(std::string* verbs_why) const;
+
+  // Waits until the u64 at region[offset] >= value. With `channel`, fails fast
+  // when that channel fails; without, drives every channel and only times out.
+  void wait_signal(const Region& region, uint64_t offset, uint64_t value, double timeout_s, Channel* channel);
+
+  // Wake-up plumbing for waiting threads (called by transports on inbound).
+  void notify_inbound();
+  // Spins (driving `drive`) then sleeps until done() or the deadline.
+  template <typename Done>
+  bool wait_until(Done done, Deadline deadline, const std::vector<Connection*>& drive);
+
+  void close();
+  bool closed() const { return closed_.load(); }
+
+ private:
+  void publish_info();
+  std::vector<std::shared_ptr<Channel>> channels_snapshot();
+
+  EndpointOptions options_;
+  std::shared_ptr<KeyValueStore> store_;
+  std::string prefix_;
+  uint64_t group_id_ = 0;
+  uint64_t host_id_ = 0;
+  uint64_t secret_hi_ = 0, secret_lo_ = 0;
+  RegionTable regions_;
+  std::map<std::string, std::unique_ptr<Transport>> transports_;
+  std::string verbs_unavailable_;
+  std::mutex channels_mutex_;
+  std::map<std::pair<int, int>, std::shared_ptr<Channel>> channels_;  // (peer, tag)
+  std::atomic<uint32_t> event_seq_{0};
+  std::atomic<int> sleepers_{0};
+  uint64_t spin_ns_;
+  std::atomic<bool> closed_{false};
+};
+
+uint64_t local_host_id();
+uint64_t hash_string(const std::string& s);
+
+// ---- template implementation
+
+template <typename Done>
+bool Endpoint::wait_until(Done done, Deadline deadline, const std::vector<Connection*>& drive) {
+  const uint64_t start = now_ns();
+  for (;;) {
+    if (done()) return true;
+    if (deadline.expired()) return done();
+    bool did = false;
+    for (Connection* c : drive) did |= c->progress();
+    if (did) continue;
+    if (now_ns() - start < spin_ns_) {
+      cpu_relax();
+      continue;
+    }
+    uint32_t seen = event_seq_.load(std::memory_order_acquire);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    if (!done()) futex_wait(reinterpret_cast<const uint32_t*>(&event_seq_), seen, deadline.remaining_ms(10), false);
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+  }
+}
+
+}  // namespace lamina

@@ -1,0 +1,51 @@
+#include "channels/pingpong.hpp"
+
+#include "common/error.hpp"
+
+namespace lamina {
+
+std::vector<double> run_pingpong(Endpoint& endpoint, Channel& channel, const PingPongConfig& config,
+                                 Region& buffer, Region& signal, const RegionDescriptor& remote_buffer,
+                                 const RegionDescriptor& remote_signal) {
+  if (config.size > buffer.size) throw_usage("ping-pong size exceeds the buffer");
+  if (config.iterations <= 0 || config.warmup < 0) throw_usage("ping-pong needs iterations > 0 and warmup >= 0");
+  if (config.op != "put" && config.op != "send") throw_usage("ping-pong op must be 'put' or 'send'");
+  std::vector<double> times;
+  times.reserve(static_cast<size_t>(config.iterations));
+  const int total = config.warmup + config.iterations;
+  auto* word = reinterpret_cast<uint64_t*>(signal.base);
+  const uint64_t base = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+  RemoteWord sig{remote_signal, 0, 1};
+  const bool use_put = config.op == "put";
+
+  auto send_one = [&] {
+    if (use_put) {
+      channel.put(buffer.base, config.size, remote_buffer, 0, &sig, false, config.timeout_s);
+    } else {
+      channel.send(buffer.base, config.size, config.timeout_s);
+    }
+  };
+  auto receive_one = [&](int i) {
+    if (use_put) {
+      endpoint.wait_signal(signal, 0, base + static_cast<uint64_t>(i) + 1, config.timeout_s, &channel);
+    } else {
+      OpRef op = channel.recv(buffer.base, buffer.size);
+      channel.wait(op, config.timeout_s, "ping-pong recv");
+    }
+  };
+
+  for (int i = 0; i < total; ++i) {
+    if (config.initiator) {
+      uint64_t t0 = now_ns();
+      send_one();
+      receive_one(i);
+      if (i >= config.warmup) times.push_back(static_cast<double>(now_ns() - t0));
+    } else {
+      receive_one(i);
+      send_one();
+    }
+  }
+  return times;
+}
+
+}  // namespace lamina

@@ -1,0 +1,28 @@
+// lamina-net: the ping-pong timing loop behind `lamina-net bench latency`.
+// In C++ so the measurement contains no Python.
+#pragma once
+
+#include <vector>
+
+#include "channels/endpoint.hpp"
+
+namespace lamina {
+
+struct PingPongConfig {
+  std::string op = "put";  // "put": put+signal into the peer; "send": send/recv
+  uint64_t size = 8;
+  int iterations = 1000;
+  int warmup = 100;
+  bool initiator = true;   // rank that starts each round
+  double timeout_s = 30;
+};
+
+// Regions: `buffer` (>= size bytes) receives the peer's payload; `signal`
+// (>= 8 bytes) counts arrivals. remote_* are the peer's equivalents.
+// Returns one round-trip time in nanoseconds per measured iteration
+// (the initiator's view; the responder returns an empty vector).
+std::vector<double> run_pingpong(Endpoint& endpoint, Channel& channel, const PingPongConfig& config,
+                                 Region& buffer, Region& signal, const RegionDescriptor& remote_buffer,
+                                 const RegionDescriptor& remote_signal);
+
+}  // namespace lamina

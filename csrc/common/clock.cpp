@@ -1,0 +1,48 @@
+#include "common/clock.hpp"
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <thread>
+
+namespace lamina {
+
+int Deadline::remaining_ms(int cap_ms) const {
+  if (at_ns_ == UINT64_MAX) return cap_ms;
+  uint64_t now = now_ns();
+  if (now >= at_ns_) return 0;
+  uint64_t ms = (at_ns_ - now + 999999) / 1000000;
+  return static_cast<int>(std::min<uint64_t>(ms, static_cast<uint64_t>(cap_ms)));
+}
+
+void Backoff::pause() {
+  if (spinning()) {
+    for (int i = 0; i < 16; ++i) cpu_relax();
+    return;
+  }
+  if (sleep_us_ <= 4) {
+    std::this_thread::yield();
+    sleep_us_ *= 2;
+    return;
+  }
+  std::this_thread::sleep_for(std::chrono::microseconds(sleep_us_));
+  sleep_us_ = std::min<uint32_t>(sleep_us_ * 2, 1000);
+}
+
+void futex_wait(const uint32_t* word, uint32_t expected, int timeout_ms, bool shared) {
+  struct timespec ts;
+  ts.tv_sec = timeout_ms / 1000;
+  ts.tv_nsec = static_cast<long>(timeout_ms % 1000) * 1000000L;
+  int op = shared ? FUTEX_WAIT : FUTEX_WAIT_PRIVATE;
+  syscall(SYS_futex, word, op, expected, &ts, nullptr, 0);
+}
+
+void futex_wake_all(const uint32_t* word, bool shared) {
+  int op = shared ? FUTEX_WAKE : FUTEX_WAKE_PRIVATE;
+  syscall(SYS_futex, word, op, INT32_MAX, nullptr, nullptr, 0);
+}
+
+}  // namespace lamina

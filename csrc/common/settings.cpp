@@ -1,0 +1,65 @@
+#include "common/settings.hpp"
+
+#include <cstdlib>
+
+#include "common/error.hpp"
+
+namespace lamina {
+
+const std::vector<SettingInfo>& all_settings() {
+  static const std::vector<SettingInfo> settings = {
+      {"TIMEOUT", "60", "default bound in seconds for every blocking call"},
+      {"CONNECT_TIMEOUT", "60", "bound in seconds for connecting a channel"},
+      {"LOG", "warn", "log level: error, warn, info, debug"},
+      {"STORE", "", "host:port of the standalone store when none is passed"},
+      {"TCP_HOST", "", "address the tcp transport listens on and advertises (default: hostname's address, else 127.0.0.1)"},
+      {"TCP_BUFFER", "4194304", "SO_SNDBUF/SO_RCVBUF bytes of tcp connections"},
+      {"SHM_RING_BYTES", "4194304", "bytes of each direction's shared-memory ring"},
+      {"SHM_SINGLE_COPY_MIN", "32768", "puts of at least this many bytes go straight into the peer's memory (process_vm_writev) instead of through the ring"},
+      {"SPIN_US", "50", "microseconds a waiting thread spins before it sleeps"},
+      {"MAX_UNEXPECTED_BYTES", "67108864", "bytes of received messages buffered per channel before a matching recv is posted; beyond it the sender is back-pressured"},
+      {"IB_DEVICE", "", "verbs device name (default: first with an active port)"},
+      {"IB_PORT", "0", "verbs port number (0: first active)"},
+      {"IB_GID_INDEX", "-1", "verbs GID index (-1: first RoCE v2 GID)"},
+  };
+  return settings;
+}
+
+static const SettingInfo& find_setting(const std::string& name) {
+  for (const auto& s : all_settings()) {
+    if (s.name == name) return s;
+  }
+  throw_usage("unregistered setting LAMINA_NET_" + name);
+}
+
+std::string setting_string(const std::string& name) {
+  const SettingInfo& info = find_setting(name);
+  const char* v = std::getenv(("LAMINA_NET_" + name).c_str());
+  return v && *v ? std::string(v) : info.default_value;
+}
+
+int64_t setting_int(const std::string& name) {
+  std::string v = setting_string(name);
+  try {
+    size_t used = 0;
+    int64_t x = std::stoll(v, &used, 0);
+    if (used != v.size()) throw std::invalid_argument(v);
+    return x;
+  } catch (const std::exception&) {
+    throw_usage("LAMINA_NET_" + name + "='" + v + "' is not an integer");
+  }
+}
+
+double setting_double(const std::string& name) {
+  std::string v = setting_string(name);
+  try {
+    size_t used = 0;
+    double x = std::stod(v, &used);
+    if (used != v.size()) throw std::invalid_argument(v);
+    return x;
+  } catch (const std::exception&) {
+    throw_usage("LAMINA_NET_" + name + "='" + v + "' is not a number");
+  }
+}
+
+}  // namespace lamina

@@ -1,0 +1,268 @@
+// lamina-net: the private compiled module `lamina_net._core`.
+//
+// A thin binding: raw pointers and byte counts in, C++ objects out. Everything
+// Python-specific (array protocols, argument defaults, docs) lives in the
+// lamina_net package. Blocking calls release the GIL; C++ errors are
+// translated once into lamina_net.errors exception types.
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "channels/endpoint.hpp"
+#include "channels/pingpong.hpp"
+#include "common/error.hpp"
+#include "common/settings.hpp"
+#include "memory/region.hpp"
+#include "transports/factory.hpp"
+
+namespace py = pybind11;
+using namespace lamina;
+
+namespace {
+
+// KeyValueStore backed by a Python object with set(key, bytes) and
+// get(key, timeout_s) -> bytes (see lamina_net/store.py).
+class PyStore : public KeyValueStore {
+ public:
+  explicit PyStore(py::object store) : store_(std::move(store)) {}
+  ~PyStore() override {
+    py::gil_scoped_acquire gil;
+    store_ = py::object();
+  }
+  void set(const std::string& key, const std::string& value) override {
+    py::gil_scoped_acquire gil;
+    call([&] { store_.attr("set")(key, py::bytes(value)); });
+  }
+  std::string get(const std::string& key, Deadline deadline) override {
+    py::gil_scoped_acquire gil;
+    double remaining = deadline.at_ns() == UINT64_MAX ? 3600.0 : deadline.remaining_ms(3600 * 1000) / 1000.0;
+    std::string out;
+    call([&] { out = store_.attr("get")(key, remaining).cast<std::string>(); });
+    return out;
+  }
+
+ private:
+  template <typename F>
+  void call(F&& f) {
+    try {
+      f();
+    } catch (py::error_already_set& e) {
+      std::string what = e.what();
+      if (e.matches(PyExc_TimeoutError)) throw_timeout("store: " + what);
+      throw_system("store: " + what);
+    }
+  }
+  py::object store_;
+};
+
+RegionDescriptor descriptor_from(const py::bytes& blob) { return RegionDescriptor::deserialize(std::string(blob)); }
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "lamina-net compiled core (private; use the lamina_net package)";
+
+  py::module_ errors = py::module_::import("lamina_net.errors");
+  static py::object usage_error = errors.attr("UsageError");
+  static py::object transport_error = errors.attr("TransportError");
+  static py::object timeout_error = errors.attr("TimeoutError");
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      switch (e.kind()) {
+        case ErrorKind::kUsage: PyErr_SetString(usage_error.ptr(), e.what()); break;
+        case ErrorKind::kTimeout: PyErr_SetString(timeout_error.ptr(), e.what()); break;
+        default: PyErr_SetString(transport_error.ptr(), e.what()); break;
+      }
+    }
+  });
+
+  m.attr("ACCESS_LOCAL") = static_cast<uint32_t>(kAccessLocal);
+  m.attr("ACCESS_REMOTE_WRITE") = static_cast<uint32_t>(kAccessRemoteWrite);
+  m.attr("ACCESS_REMOTE_READ") = static_cast<uint32_t>(kAccessRemoteRead);
+  m.attr("ACCESS_REMOTE_ATOMIC") = static_cast<uint32_t>(kAccessRemoteAtomic);
+  m.attr("ACCESS_ALL") = static_cast<uint32_t>(kAccessAll);
+  m.attr("HAVE_VERBS") = static_cast<bool>(LAMINA_HAVE_VERBS);
+#ifdef LAMINA_HAVE_CUDA
+  m.attr("HAVE_CUDA") = true;
+#else
+  m.attr("HAVE_CUDA") = false;
+#endif
+  m.attr("DESCRIPTOR_BYTES") = RegionDescriptor::kWireSize;
+
+  m.def("settings", [] {
+    std::vector<std::tuple<std::string, std::string, std::string, std::string>> out;
+    for (const auto& s : all_settings()) out.emplace_back(s.name, s.default_value, setting_string(s.name), s.description);
+    return out;
+  });
+  m.def("verbs_available", [] {
+    std::string why;
+    bool ok = verbs_available(&why);
+    return py::make_tuple(ok, why);
+  });
+
+  py::class_<OpState, std::shared_ptr<OpState>>(m, "Op")
+      .def_property_readonly("done", &OpState::done)
+      .def_property_readonly("failed", &OpState::failed)
+      .def_property_readonly("value", &OpState::value)
+      .def_property_readonly("error", &OpState::error);
+
+  py::class_<Region, std::shared_ptr<Region>>(m, "Region")
+      .def_readonly("id", &Region::id)
+      .def_property_readonly("base", [](const Region& r) { return reinterpret_cast<uintptr_t>(r.base); })
+      .def_readonly("size", &Region::size)
+      .def_readonly("access", &Region::access)
+      .def_property_readonly("closed", [](const Region& r) { return r.closed.load(); })
+      .def("load_u64", [](const Region& r, uint64_t offset) {
+        if (offset % 8 || !r.contains(offset, 8)) throw_usage("offset is not an aligned u64 inside the region");
+        return __atomic_load_n(reinterpret_cast<const uint64_t*>(static_cast<const char*>(r.base) + offset),
+                               __ATOMIC_ACQUIRE);
+      });
+
+  py::class_<RegionDescriptor>(m, "Descriptor")
+      .def_static("from_bytes", &descriptor_from)
+      .def("to_bytes", [](const RegionDescriptor& d) { return py::bytes(d.serialize()); })
+      .def_readonly("owner_rank", &RegionDescriptor::owner_rank)
+      .def_readonly("region_id", &RegionDescriptor::region_id)
+      .def_readonly("size", &RegionDescriptor::size)
+      .def_readonly("access", &RegionDescriptor::access)
+      .def_readonly("addr", &RegionDescriptor::addr)
+      .def_readonly("rkey", &RegionDescriptor::rkey)
+      .def_readonly("group_id", &RegionDescriptor::group_id)
+      .def_property_readonly("is_cuda", [](const RegionDescriptor& d) { return d.kind == MemoryKind::kCuda; });
+
+  py::class_<Channel, std::shared_ptr<Channel>>(m, "Channel")
+      .def_property_readonly("peer", &Channel::peer)
+      .def_property_readonly("transport", &Channel::transport)
+      .def_property_readonly("closed", &Channel::closed)
+      .def(
+          "put",
+          [](Channel& ch, uintptr_t src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
+             const RegionDescriptor* signal, uint64_t signal_offset, uint64_t signal_add, bool want_completion,
+             double timeout) {
+            py::gil_scoped_release release;
+            RemoteWord word;
+            if (signal) word = RemoteWord{*signal, signal_offset, signal_add};
+            return ch.put(reinterpret_cast<const void*>(src), len, dst, dst_offset, signal ? &word : nullptr,
+                          want_completion, timeout);
+          },
+          py::arg("src"), py::arg("nbytes"), py::arg("dst"), py::arg("dst_offset"), py::arg("signal").none(true),
+          py::arg("signal_offset"), py::arg("signal_add"), py::arg("want_completion"), py::arg("timeout"))
+      .def("atomic_add",
+           [](Channel& ch, const RegionDescriptor& dst, uint64_t offset, uint64_t value, double timeout) {
+             py::gil_scoped_release release;
+             return ch.atomic_add(dst, offset, value, timeout);
+           })
+      .def("send",
+           [](Channel& ch, uintptr_t data, uint64_t len, double timeout) {
+             py::gil_scoped_release release;
+             return ch.send(reinterpret_cast<const void*>(data), len, timeout);
+           })
+      .def("recv",
+           [](Channel& ch, uintptr_t buffer, uint64_t capacity) {
+             return ch.recv(reinterpret_cast<void*>(buffer), capacity);
+           })
+      .def("flush",
+           [](Channel& ch, double timeout) {
+             py::gil_scoped_release release;
+             return ch.flush(timeout);
+           })
+      .def("wait",
+           [](Channel& ch, const std::shared_ptr<OpState>& op, double timeout, const std::string& what) {
+             py::gil_scoped_release release;
+             ch.wait(op, timeout, what);
+           })
+      .def("test", &Channel::test)
+      .def("failed",
+           [](const Channel& ch) {
+             std::string why;
+             bool f = ch.failed(&why);
+             return py::make_tuple(f, why);
+           })
+      .def("close", [](Channel& ch) {
+        py::gil_scoped_release release;
+        ch.close();
+      });
+
+  py::class_<Endpoint, std::shared_ptr<Endpoint>>(m, "Endpoint")
+      .def(py::init([](int rank, int world_size, py::object store, const std::string& group, double timeout,
+                       const std::string& tcp_host, const std::vector<std::string>& transports,
+                       const std::string& ib_device, int ib_port, int ib_gid_index) {
+             EndpointOptions o;
+             o.rank = rank;
+             o.world_size = world_size;
+             o.group = group;
+             o.timeout_s = timeout;
+             o.tcp_host = tcp_host;
+             o.transports = transports;
+             o.verbs.device = ib_device;
+             o.verbs.port = ib_port;
+             o.verbs.gid_index = ib_gid_index;
+             auto kv = std::make_shared<PyStore>(std::move(store));
+             py::gil_scoped_release release;
+             return std::make_shared<Endpoint>(o, kv);
+           }),
+           py::arg("rank"), py::arg("world_size"), py::arg("store"), py::arg("group"), py::arg("timeout"),
+           py::arg("tcp_host"), py::arg("transports"), py::arg("ib_device"), py::arg("ib_port"),
+           py::arg("ib_gid_index"))
+      .def_property_readonly("rank", &Endpoint::rank)
+      .def_property_readonly("world_size", &Endpoint::world_size)
+      .def_property_readonly("closed", &Endpoint::closed)
+      .def_property_readonly("default_timeout", &Endpoint::default_timeout)
+      .def("register_memory",
+           [](Endpoint& ep, uintptr_t base, uint64_t size, uint32_t access, bool cuda, int device) {
+             py::gil_scoped_release release;
+             return ep.register_memory(reinterpret_cast<void*>(base), size, access,
+                                       cuda ? MemoryKind::kCuda : MemoryKind::kHost, device);
+           })
+      .def("deregister",
+           [](Endpoint& ep, uint64_t id, double timeout) {
+             py::gil_scoped_release release;
+             ep.deregister(id, timeout);
+           })
+      .def("describe", &Endpoint::describe)
+      .def("channel",
+           [](Endpoint& ep, int peer, const std::string& transport, int tag, double timeout) {
+             py::gil_scoped_release release;
+             return ep.channel(peer, transport, tag, timeout);
+           })
+      .def("choose_transport",
+           [](Endpoint& ep, int peer, double timeout) {
+             py::gil_scoped_release release;
+             std::string why;
+             std::string t = ep.choose_transport(peer, Deadline::after_seconds(timeout), &why);
+             return std::make_pair(t, why);
+           })
+      .def("available_transports",
+           [](const Endpoint& ep) {
+             std::string why;
+             auto names = ep.available_transports(&why);
+             return std::make_pair(names, why);
+           })
+      .def(
+          "wait_signal",
+          [](Endpoint& ep, const Region& region, uint64_t offset, uint64_t value, double timeout, Channel* channel) {
+            py::gil_scoped_release release;
+            ep.wait_signal(region, offset, value, timeout, channel);
+          },
+          py::arg("region"), py::arg("offset"), py::arg("value"), py::arg("timeout"), py::arg("channel").none(true))
+      .def("pingpong",
+           [](Endpoint& ep, Channel& ch, const std::string& op, uint64_t size, int iterations, int warmup,
+              bool initiator, double timeout, Region& buffer, Region& signal, const RegionDescriptor& remote_buffer,
+              const RegionDescriptor& remote_signal) {
+             PingPongConfig c;
+             c.op = op;
+             c.size = size;
+             c.iterations = iterations;
+             c.warmup = warmup;
+             c.initiator = initiator;
+             c.timeout_s = timeout;
+             py::gil_scoped_release release;
+             return run_pingpong(ep, ch, c, buffer, signal, remote_buffer, remote_signal);
+           })
+      .def("close", [](Endpoint& ep) {
+        py::gil_scoped_release release;
+        ep.close();
+      });
+}

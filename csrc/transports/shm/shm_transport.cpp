@@ -1,0 +1,351 @@
+// lamina-net: the same-host shared-memory transport.
+//
+// Each channel is one shared segment holding two single-producer /
+// single-consumer byte rings (one per direction) that carry the frames of
+// StreamConnection. Waiting is spin-then-sleep: a reader that goes to sleep
+// says so in the ring, and only then does a writer pay for a futex wake.
+//
+// Large puts (>= LAMINA_NET_SHM_SINGLE_COPY_MIN) take one copy: the frame
+// carries the source address and the target copies straight from the sender's
+// memory with process_vm_readv, in frame order, after validating the target
+// range like any other inbound put. When the kernel forbids cross-process
+// reads (ptrace policy), puts stay on the ring and a log line says so.
+//
+// Peer death: the peer's pid is watched with a pidfd, so a killed peer fails
+// the channel within one progress period (20 ms) instead of hanging readers.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "common/error.hpp"
+#include "common/log.hpp"
+#include "common/settings.hpp"
+#include "transports/factory.hpp"
+#include "transports/stream_connection.hpp"
+
+namespace lamina {
+namespace {
+
+constexpr uint64_t kSegmentMagic = 0x4c4e53484d303031ull;  // "LNSHM001"
+constexpr size_t kHeaderBytes = 4096;
+// A word with a known value whose address each side publishes, so the other
+// side can check that process_vm_readv reaches this process.
+const uint64_t g_probe_word = 0x70726f62656c6e31ull;
+
+struct alignas(64) RingControl {
+  std::atomic<uint64_t> head;  // bytes ever written (writer-owned)
+  char pad0[56];
+  std::atomic<uint64_t> tail;  // bytes ever consumed (reader-owned)
+  char pad1[56];
+  std::atomic<uint32_t> data_seq;         // bumped to wake a sleeping reader
+  std::atomic<uint32_t> reader_sleeping;
+  std::atomic<uint32_t> space_seq;        // bumped to wake a sleeping writer
+  std::atomic<uint32_t> writer_sleeping;
+  std::atomic<uint32_t> writer_closed;
+  char pad2[44];
+};
+
+struct SegmentHeader {
+  uint64_t magic;
+  uint64_t ring_bytes;
+  std::atomic<int32_t> pid[2];
+  std::atomic<uint64_t> probe_addr[2];
+  std::atomic<uint32_t> attached;
+  char pad[64 - 4];
+  RingControl ring[2];  // ring[s] carries frames from side s to side 1-s
+};
+static_assert(sizeof(SegmentHeader) <= kHeaderBytes, "segment header fits its page");
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "cross-process atomics must be lock-free");
+
+class Mapping {
+ public:
+  Mapping() = default;
+  Mapping(void* addr, size_t len) : addr_(addr), len_(len) {}
+  ~Mapping() {
+    if (addr_) munmap(addr_, len_);
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  char* data() const { return static_cast<char*>(addr_); }
+
+ private:
+  void* addr_ = nullptr;
+  size_t len_ = 0;
+};
+
+int pidfd_open_compat(int pid) {
+#ifdef SYS_pidfd_open
+  return static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+#else
+  errno = ENOSYS;
+  return -1;
+#endif
+}
+
+class ShmStream : public ByteStream {
+ public:
+  ShmStream(std::unique_ptr<Mapping> mapping, int side, int peer_pid, uint64_t peer_probe, uint64_t pull_min)
+      : mapping_(std::move(mapping)), side_(side), peer_pid_(peer_pid) {
+    header_ = reinterpret_cast<SegmentHeader*>(mapping_->data());
+    capacity_ = header_->ring_bytes;
+    tx_ = &header_->ring[side];
+    rx_ = &header_->ring[1 - side];
+    tx_data_ = mapping_->data() + kHeaderBytes + static_cast<size_t>(side) * capacity_;
+    rx_data_ = mapping_->data() + kHeaderBytes + static_cast<size_t>(1 - side) * capacity_;
+    pidfd_ = pidfd_open_compat(peer_pid);
+    uint64_t seen = 0;
+    if (pull_min != UINT64_MAX && pull_from_peer(&seen, peer_probe, sizeof(seen)) && seen == g_probe_word) {
+      pull_min_ = pull_min;
+    } else if (pull_min != UINT64_MAX) {
+      LAMINA_INFO("shm transport: process_vm_readv cannot reach pid " + std::to_string(peer_pid) +
+                  "; large puts go through the ring (two copies)");
+    }
+  }
+  ~ShmStream() override {
+    if (pidfd_ >= 0) ::close(pidfd_);
+  }
+
+  size_t read_some(void* buf, size_t max, bool* eof) override {
+    uint64_t tail = rx_->tail.load(std::memory_order_relaxed);
+    uint64_t head = rx_->head.load(std::memory_order_acquire);
+    uint64_t avail = head - tail;
+    if (avail == 0) {
+      if (rx_->writer_closed.load(std::memory_order_acquire) && rx_->head.load(std::memory_order_acquire) == tail) {
+        *eof = true;
+      }
+      return 0;
+    }
+    size_t n = static_cast<size_t>(std::min<uint64_t>(avail, max));
+    copy_out(static_cast<char*>(buf), tail, n);
+    rx_->tail.store(tail + n, std::memory_order_release);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (rx_->writer_sleeping.load(std::memory_order_relaxed)) {
+      rx_->space_seq.fetch_add(1, std::memory_order_release);
+      futex_wake_all(reinterpret_cast<uint32_t*>(&rx_->space_seq), true);
+    }
+    return n;
+  }
+
+  size_t write_some(const struct iovec* iov, int iovcnt) override {
+    uint64_t head = tx_->head.load(std::memory_order_relaxed);
+    uint64_t tail = tx_->tail.load(std::memory_order_acquire);
+    uint64_t space = capacity_ - (head - tail);
+    size_t written = 0;
+    for (int i = 0; i < iovcnt && space > 0; ++i) {
+      size_t n = static_cast<size_t>(std::min<uint64_t>(iov[i].iov_len, space));
+      copy_in(head + written, static_cast<const char*>(iov[i].iov_base), n);
+      written += n;
+      space -= n;
+      if (n < iov[i].iov_len) break;
+    }
+    if (written == 0) return 0;
+    tx_->head.store(head + written, std::memory_order_release);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (tx_->reader_sleeping.load(std::memory_order_relaxed)) {
+      tx_->data_seq.fetch_add(1, std::memory_order_release);
+      futex_wake_all(reinterpret_cast<uint32_t*>(&tx_->data_seq), true);
+    }
+    return written;
+  }
+
+  void wait_readable(int timeout_ms) override {
+    uint32_t seq = rx_->data_seq.load(std::memory_order_acquire);
+    rx_->reader_sleeping.store(1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    bool ready = rx_->head.load(std::memory_order_acquire) != rx_->tail.load(std::memory_order_relaxed) ||
+                 rx_->writer_closed.load(std::memory_order_acquire);
+    if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&rx_->data_seq), seq, timeout_ms, true);
+    rx_->reader_sleeping.store(0, std::memory_order_relaxed);
+  }
+
+  void wait_writable(int timeout_ms) override {
+    uint32_t seq = tx_->space_seq.load(std::memory_order_acquire);
+    tx_->writer_sleeping.store(1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    bool ready = tx_->head.load(std::memory_order_relaxed) - tx_->tail.load(std::memory_order_acquire) < capacity_;
+    if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&tx_->space_seq), seq, timeout_ms, true);
+    tx_->writer_sleeping.store(0, std::memory_order_relaxed);
+  }
+
+  void wake() override {
+    rx_->data_seq.fetch_add(1, std::memory_order_release);
+    futex_wake_all(reinterpret_cast<uint32_t*>(&rx_->data_seq), true);
+  }
+
+  void shutdown() override {
+    if (tx_->writer_closed.exchange(1)) return;
+    tx_->data_seq.fetch_add(1, std::memory_order_release);
+    futex_wake_all(reinterpret_cast<uint32_t*>(&tx_->data_seq), true);
+  }
+
+  std::string peer_gone_reason() override {
+    bool gone = false;
+    if (pidfd_ >= 0) {
+      struct pollfd pfd = {pidfd_, POLLIN, 0};
+      gone = ::poll(&pfd, 1, 0) > 0;
+    } else {
+      gone = ::kill(peer_pid_, 0) != 0 && errno == ESRCH;
+    }
+    if (!gone) return {};
+    return "peer process " + std::to_string(peer_pid_) + " exited without closing the channel";
+  }
+
+  bool pull_from_peer(void* dst, uint64_t peer_addr, uint64_t len) override {
+    char* out = static_cast<char*>(dst);
+    while (len > 0) {
+      struct iovec local = {out, static_cast<size_t>(len)};
+      struct iovec remote = {reinterpret_cast<void*>(peer_addr), static_cast<size_t>(len)};
+      ssize_t n = process_vm_readv(peer_pid_, &local, 1, &remote, 1, 0);
+      if (n <= 0) return false;
+      out += n;
+      peer_addr += static_cast<uint64_t>(n);
+      len -= static_cast<uint64_t>(n);
+    }
+    return true;
+  }
+
+  uint64_t pull_threshold() const override { return pull_min_; }
+
+ private:
+  void copy_out(char* dst, uint64_t pos, size_t n) const {
+    size_t at = static_cast<size_t>(pos & (capacity_ - 1));
+    size_t first = std::min<size_t>(n, capacity_ - at);
+    std::memcpy(dst, rx_data_ + at, first);
+    if (first < n) std::memcpy(dst + first, rx_data_, n - first);
+  }
+  void copy_in(uint64_t pos, const char* src, size_t n) {
+    size_t at = static_cast<size_t>(pos & (capacity_ - 1));
+    size_t first = std::min<size_t>(n, capacity_ - at);
+    std::memcpy(tx_data_ + at, src, first);
+    if (first < n) std::memcpy(tx_data_, src + first, n - first);
+  }
+
+  std::unique_ptr<Mapping> mapping_;
+  SegmentHeader* header_;
+  int side_;
+  int peer_pid_;
+  int pidfd_ = -1;
+  uint64_t capacity_;
+  uint64_t pull_min_ = UINT64_MAX;
+  RingControl* tx_;
+  RingControl* rx_;
+  char* tx_data_;
+  char* rx_data_;
+};
+
+uint64_t round_up_pow2(uint64_t x) {
+  uint64_t p = 4096;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+std::string random_segment_name() {
+  std::random_device rd;
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "/lamina-net-%d-%08x%08x", static_cast<int>(getpid()), rd(), rd());
+  return buf;
+}
+
+class ShmTransport : public Transport {
+ public:
+  explicit ShmTransport(const TransportContext& ctx) : ctx_(ctx) {}
+  const char* name() const override { return "shm"; }
+
+  std::unique_ptr<Connection> connect(const ConnectParams& params) override {
+    const int side = params.self_rank < params.peer_rank ? 0 : 1;
+    const std::string key = params.key_prefix + "/segment";
+    std::unique_ptr<Mapping> mapping;
+    SegmentHeader* header = nullptr;
+    if (side == 0) {
+      uint64_t ring_bytes = round_up_pow2(static_cast<uint64_t>(setting_int("SHM_RING_BYTES")));
+      size_t total = kHeaderBytes + 2 * ring_bytes;
+      std::string name = random_segment_name();
+      int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+      if (fd < 0) throw_errno("shm transport: shm_open(" + name + ")", errno);
+      if (ftruncate(fd, static_cast<off_t>(total)) != 0) {
+        int err = errno;
+        ::close(fd);
+        shm_unlink(name.c_str());
+        throw_errno("shm transport: ftruncate " + std::to_string(total) + " bytes (is /dev/shm large enough?)", err);
+      }
+      void* addr = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      ::close(fd);
+      if (addr == MAP_FAILED) {
+        int err = errno;
+        shm_unlink(name.c_str());
+        throw_errno("shm transport: mmap", err);
+      }
+      mapping = std::make_unique<Mapping>(addr, total);
+      header = new (addr) SegmentHeader();
+      header->magic = kSegmentMagic;
+      header->ring_bytes = ring_bytes;
+      header->pid[0].store(getpid());
+      header->probe_addr[0].store(reinterpret_cast<uint64_t>(&g_probe_word));
+      params.store->set(key, name + ";" + std::to_string(total));
+      // Wait until the peer has mapped it, then remove the name so a crash
+      // later cannot leak the segment.
+      Backoff backoff(0);
+      while (header->attached.load(std::memory_order_acquire) == 0) {
+        if (params.deadline.expired()) {
+          shm_unlink(name.c_str());
+          throw_timeout("waiting for rank " + std::to_string(params.peer_rank) + " to attach the shm channel");
+        }
+        backoff.pause();
+      }
+      shm_unlink(name.c_str());
+    } else {
+      std::string value = params.store->get(key, params.deadline);
+      auto semi = value.find(';');
+      if (semi == std::string::npos) throw_system("bad shm segment record '" + value + "' in the store");
+      std::string name = value.substr(0, semi);
+      size_t total = std::stoull(value.substr(semi + 1));
+      int fd = shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0600);
+      if (fd < 0) {
+        throw_errno("shm transport: cannot open rank " + std::to_string(params.peer_rank) + "'s segment " + name +
+                        " (is the peer on another host?)",
+                    errno);
+      }
+      void* addr = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      ::close(fd);
+      if (addr == MAP_FAILED) throw_errno("shm transport: mmap", errno);
+      mapping = std::make_unique<Mapping>(addr, total);
+      header = reinterpret_cast<SegmentHeader*>(addr);
+      if (header->magic != kSegmentMagic || kHeaderBytes + 2 * header->ring_bytes != total) {
+        throw_system("shm segment " + name + " is not a lamina-net channel");
+      }
+      header->pid[1].store(getpid());
+      header->probe_addr[1].store(reinterpret_cast<uint64_t>(&g_probe_word));
+      header->attached.store(1, std::memory_order_release);
+    }
+    int peer_pid = header->pid[1 - side].load();
+    uint64_t peer_probe = header->probe_addr[1 - side].load();
+    uint64_t pull_min = static_cast<uint64_t>(setting_int("SHM_SINGLE_COPY_MIN"));
+    if (pull_min == 0) pull_min = UINT64_MAX;
+    auto stream = std::make_unique<ShmStream>(std::move(mapping), side, peer_pid, peer_probe, pull_min);
+    auto conn = std::make_unique<StreamConnection>("shm", params.peer_rank, std::move(stream), params.regions,
+                                                   params.on_inbound);
+    conn->start();
+    return conn;
+  }
+
+ private:
+  TransportContext ctx_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> make_shm_transport(const TransportContext& ctx) {
+  return std::make_unique<ShmTransport>(ctx);
+}
+
+}  // namespace lamina

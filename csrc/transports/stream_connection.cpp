@@ -1,0 +1,657 @@
+#include "transports/stream_connection.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/error.hpp"
+#include "common/log.hpp"
+#include "common/settings.hpp"
+
+namespace lamina {
+namespace {
+
+constexpr size_t kHeaderSize = sizeof(FrameHeader);
+constexpr size_t kStagingBytes = 256 * 1024;
+// Payloads at least this large are read straight into their destination.
+constexpr uint64_t kDirectReadMin = 16 * 1024;
+// The progress thread stays idle while a waiting thread drove progress this recently.
+constexpr uint64_t kExternalDriverWindowNs = 200 * 1000;
+
+thread_local bool t_is_progress_thread = false;
+
+std::string peer_name(int rank) { return "rank " + std::to_string(rank); }
+
+}  // namespace
+
+StreamConnection::StreamConnection(const char* transport_name, int peer_rank, std::unique_ptr<ByteStream> stream,
+                                   RegionTable* regions, std::function<void()> on_inbound)
+    : transport_name_(transport_name),
+      stream_(std::move(stream)),
+      regions_(regions),
+      on_inbound_(std::move(on_inbound)),
+      staging_(kStagingBytes),
+      max_unexpected_bytes_(static_cast<uint64_t>(setting_int("MAX_UNEXPECTED_BYTES"))) {
+  peer_rank_ = peer_rank;
+}
+
+StreamConnection::~StreamConnection() { close(); }
+
+void StreamConnection::start() { progress_thread_ = std::thread([this] { progress_thread_main(); }); }
+
+bool StreamConnection::failed(std::string* why) const {
+  if (!failed_.load(std::memory_order_acquire)) return false;
+  if (why) {
+    std::lock_guard<std::mutex> lock(fail_mutex_);
+    *why = fail_reason_;
+  }
+  return true;
+}
+
+void StreamConnection::throw_if_failed() const {
+  std::string why;
+  if (failed(&why)) throw_system(why);
+}
+
+void StreamConnection::fail(const std::string& why) {
+  {
+    std::lock_guard<std::mutex> lock(fail_mutex_);
+    if (failed_.load(std::memory_order_relaxed)) return;
+    fail_reason_ = std::string(transport_name_) + " channel to " + peer_name(peer_rank_) + " failed: " + why;
+    failed_.store(true, std::memory_order_release);
+  }
+  // An orderly close by the peer is normal operation, not a warning.
+  if (peer_said_close_) {
+    LAMINA_INFO(fail_reason_);
+  } else if (!closing_.load()) {
+    LAMINA_WARN(fail_reason_);
+  }
+  std::string reason;
+  failed(&reason);
+  std::map<uint64_t, PendingOp> pending;
+  {
+    std::lock_guard<std::mutex> lock(pending_mutex_);
+    pending.swap(pending_);
+  }
+  for (auto& [seq, p] : pending) p.op->fail(reason);
+  std::deque<PostedRecv> recvs;
+  {
+    std::lock_guard<std::mutex> lock(msg_mutex_);
+    recvs.swap(posted_recvs_);
+  }
+  for (auto& r : recvs) r.op->fail(reason);
+  stream_->shutdown();
+  stream_->wake();
+  if (on_inbound_) on_inbound_();
+}
+
+// ---------------------------------------------------------------- waiting
+
+namespace {
+
+// Waits inside the transport (local completion of a pull-put), driving progress.
+void wait_local(StreamConnection& conn, const OpRef& op, Deadline deadline, const std::string& what) {
+  Backoff backoff(static_cast<uint64_t>(setting_int("SPIN_US")) * 1000);
+  while (!op->done()) {
+    if (!conn.progress()) {
+      if (deadline.expired()) throw_timeout(what);
+      backoff.pause();
+    }
+  }
+  if (op->failed()) throw_system(op->error());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- tx
+
+void StreamConnection::write_all_locked(struct iovec* iov, int iovcnt, Deadline deadline) {
+  int first = 0;
+  while (first < iovcnt) {
+    size_t n = stream_->write_some(iov + first, iovcnt - first);
+    if (n == 0) {
+      if (failed_.load(std::memory_order_acquire)) throw_if_failed();
+      if (deadline.expired()) {
+        // A partial frame is on the wire: the stream cannot be resynchronized.
+        fail("timed out writing to the peer (it stopped reading)");
+        throw_timeout(std::string(transport_name_) + " write to " + peer_name(peer_rank_) +
+                      " timed out: the peer did not drain the connection");
+      }
+      stream_->wait_writable(deadline.remaining_ms(20));
+      continue;
+    }
+    while (first < iovcnt && n >= iov[first].iov_len) {
+      n -= iov[first].iov_len;
+      ++first;
+    }
+    if (first < iovcnt) {
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + n;
+      iov[first].iov_len -= n;
+    }
+  }
+}
+
+void StreamConnection::write_frame_locked(const FrameHeader& header, const void* payload, uint64_t len,
+                                          Deadline deadline) {
+  flush_control_locked();
+  struct iovec iov[2];
+  iov[0].iov_base = const_cast<FrameHeader*>(&header);
+  iov[0].iov_len = kHeaderSize;
+  iov[1].iov_base = const_cast<void*>(payload);
+  iov[1].iov_len = len;
+  write_all_locked(iov, len ? 2 : 1, deadline);
+}
+
+void StreamConnection::queue_control(const FrameHeader& header) {
+  std::lock_guard<std::mutex> lock(control_mutex_);
+  control_queue_.push_back(header);
+  control_pending_.store(true, std::memory_order_release);
+}
+
+void StreamConnection::flush_control_locked() {
+  if (!control_pending_.load(std::memory_order_acquire)) return;
+  std::vector<FrameHeader> frames;
+  {
+    std::lock_guard<std::mutex> lock(control_mutex_);
+    frames.swap(control_queue_);
+    control_pending_.store(false, std::memory_order_release);
+  }
+  if (frames.empty()) return;
+  struct iovec iov;
+  iov.iov_base = frames.data();
+  iov.iov_len = frames.size() * kHeaderSize;
+  // Control frames are tiny; the peer's rx never blocks, so this wait is short.
+  write_all_locked(&iov, 1, Deadline::after_seconds(setting_double("TIMEOUT")));
+}
+
+bool StreamConnection::try_flush_control() {
+  if (!control_pending_.load(std::memory_order_acquire)) return false;
+  std::unique_lock<std::mutex> lock(tx_mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) return false;  // the holder flushes them before its next frame
+  try {
+    flush_control_locked();
+  } catch (const Error& e) {
+    fail(e.what());
+  }
+  return true;
+}
+
+void StreamConnection::post_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal,
+                                const OpRef& done, Deadline deadline) {
+  throw_if_failed();
+  FrameHeader h;
+  h.type = static_cast<uint8_t>(FrameType::kPut);
+  h.region_id = dst.target.region_id;
+  h.offset = dst.offset;
+  h.length = src.len;
+  if (signal) {
+    h.flags |= kFlagSignal;
+    h.sig_region = signal->target.region_id;
+    h.sig_offset = signal->offset;
+    h.sig_add = signal->add;
+  }
+  // Large same-host puts: the target copies straight from our memory (one
+  // copy), so we must wait for its ack before the source may be reused.
+  const bool pull = src.len >= stream_->pull_threshold();
+  OpRef completion = done;
+  if (pull) {
+    h.type = static_cast<uint8_t>(FrameType::kPutPull);
+    h.value = reinterpret_cast<uint64_t>(src.ptr);
+    if (!completion) completion = std::make_shared<OpState>();
+  }
+  if (completion) h.flags |= kFlagAckRequest;
+  {
+    std::lock_guard<std::mutex> lock(tx_mutex_);
+    throw_if_failed();
+    h.seq = next_seq_locked();
+    if (completion) {
+      std::lock_guard<std::mutex> plock(pending_mutex_);
+      pending_[h.seq] = PendingOp{Pending::kAck, completion};
+    }
+    write_frame_locked(h, pull ? nullptr : src.ptr, pull ? 0 : src.len, deadline);
+  }
+  if (pull) {
+    wait_local(*this, completion, deadline,
+               "put of " + std::to_string(src.len) + " bytes to " + peer_name(peer_rank_) +
+                   ": the target did not copy it in time");
+  }
+}
+
+void StreamConnection::post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) {
+  throw_if_failed();
+  FrameHeader h;
+  h.type = static_cast<uint8_t>(FrameType::kAtomicAdd);
+  h.region_id = word.target.region_id;
+  h.offset = word.offset;
+  h.value = word.add;
+  std::lock_guard<std::mutex> lock(tx_mutex_);
+  throw_if_failed();
+  h.seq = next_seq_locked();
+  if (done) {
+    std::lock_guard<std::mutex> plock(pending_mutex_);
+    pending_[h.seq] = PendingOp{Pending::kAtomic, done};
+  }
+  write_frame_locked(h, nullptr, 0, deadline);
+}
+
+void StreamConnection::post_send(const void* data, uint64_t len, const OpRef& done, Deadline deadline) {
+  throw_if_failed();
+  FrameHeader h;
+  h.type = static_cast<uint8_t>(FrameType::kSend);
+  h.length = len;
+  {
+    std::lock_guard<std::mutex> lock(tx_mutex_);
+    throw_if_failed();
+    h.seq = next_seq_locked();
+    write_frame_locked(h, data, len, deadline);
+  }
+  if (done) done->complete(len);
+}
+
+void StreamConnection::post_recv(void* buffer, uint64_t capacity, const OpRef& done) {
+  std::vector<char> message;
+  {
+    std::lock_guard<std::mutex> lock(msg_mutex_);
+    if (unexpected_.empty()) {
+      std::string why;
+      if (failed(&why)) {
+        done->fail(why);
+        return;
+      }
+      posted_recvs_.push_back(PostedRecv{buffer, capacity, done});
+      return;
+    }
+    message = std::move(unexpected_.front());
+    unexpected_.pop_front();
+    unexpected_bytes_ -= message.size();
+  }
+  stream_->wake();  // rx may have been stalled on the unexpected-bytes limit
+  if (message.size() > capacity) {
+    done->fail("message of " + std::to_string(message.size()) + " bytes does not fit the receive buffer of " +
+               std::to_string(capacity) + " bytes (message dropped)",
+               ErrorKind::kUsage);
+    return;
+  }
+  if (!message.empty()) std::memcpy(buffer, message.data(), message.size());
+  done->complete(message.size());
+}
+
+void StreamConnection::post_flush(const OpRef& done, Deadline deadline) {
+  throw_if_failed();
+  FrameHeader h;
+  h.type = static_cast<uint8_t>(FrameType::kFlush);
+  std::lock_guard<std::mutex> lock(tx_mutex_);
+  throw_if_failed();
+  h.seq = next_seq_locked();
+  {
+    std::lock_guard<std::mutex> plock(pending_mutex_);
+    pending_[h.seq] = PendingOp{Pending::kAck, done};
+  }
+  write_frame_locked(h, nullptr, 0, deadline);
+}
+
+// ---------------------------------------------------------------- rx
+
+bool StreamConnection::fill_staging_locked(bool* eof) {
+  if (staging_begin_ == staging_end_) {
+    staging_begin_ = staging_end_ = 0;
+  } else if (staging_begin_ > 0 && staging_.size() - staging_end_ < kHeaderSize) {
+    std::memmove(staging_.data(), staging_.data() + staging_begin_, staging_end_ - staging_begin_);
+    staging_end_ -= staging_begin_;
+    staging_begin_ = 0;
+  }
+  size_t n = stream_->read_some(staging_.data() + staging_end_, staging_.size() - staging_end_, eof);
+  staging_end_ += n;
+  return n > 0;
+}
+
+bool StreamConnection::parse_header_locked() {
+  FrameHeader h;
+  std::memcpy(&h, staging_.data() + staging_begin_, kHeaderSize);
+  if (h.magic != FrameHeader::kMagic) {
+    fail("received a malformed frame (bad magic 0x" + std::to_string(h.magic) + "); closing the connection");
+    return false;
+  }
+  std::string why;
+  auto reject = [&](const std::string& reason) {
+    fail(std::string("rejected ") + frame_type_name(h.type) + " frame from the peer: " + reason);
+    return false;
+  };
+  auto pin_signal = [&]() -> bool {
+    if (!(h.flags & kFlagSignal)) return true;
+    if (h.sig_offset % 8 != 0) return reject("signal offset " + std::to_string(h.sig_offset) + " is not 8-byte aligned");
+    signal_region_ = regions_->pin_for_inbound(h.sig_region, h.sig_offset, 8, kAccessRemoteAtomic, &why);
+    if (!signal_region_) return reject("signal target: " + why);
+    return true;
+  };
+  switch (static_cast<FrameType>(h.type)) {
+    case FrameType::kPut:
+    case FrameType::kPutPull: {
+      payload_region_ = regions_->pin_for_inbound(h.region_id, h.offset, h.length, kAccessRemoteWrite, &why);
+      if (!payload_region_) return reject(why);
+      if (!pin_signal()) {
+        RegionTable::unpin(*payload_region_);
+        payload_region_.reset();
+        return false;
+      }
+      payload_dst_ = static_cast<char*>(payload_region_->base) + h.offset;
+      payload_left_ = h.type == static_cast<uint8_t>(FrameType::kPut) ? h.length : 0;
+      break;
+    }
+    case FrameType::kAtomicAdd:
+      if (h.offset % 8 != 0) return reject("atomic offset " + std::to_string(h.offset) + " is not 8-byte aligned");
+      signal_region_ = regions_->pin_for_inbound(h.region_id, h.offset, 8, kAccessRemoteAtomic, &why);
+      if (!signal_region_) return reject(why);
+      payload_left_ = 0;
+      break;
+    case FrameType::kSend: {
+      std::lock_guard<std::mutex> lock(msg_mutex_);
+      if (!posted_recvs_.empty()) {
+        PostedRecv r = posted_recvs_.front();
+        posted_recvs_.pop_front();
+        if (h.length > r.capacity) {
+          r.op->fail("message of " + std::to_string(h.length) + " bytes does not fit the receive buffer of " +
+                     std::to_string(r.capacity) + " bytes (message dropped)",
+               ErrorKind::kUsage);
+          payload_dst_ = nullptr;  // discard the payload
+          payload_recv_op_.reset();
+        } else {
+          payload_dst_ = static_cast<char*>(r.buffer);
+          payload_recv_op_ = r.op;
+        }
+        payload_to_message_ = false;
+      } else {
+        // No receive posted: buffer it, within the unexpected-bytes budget;
+        // otherwise leave the header unparsed (back-pressure on the sender).
+        if (unexpected_bytes_ + h.length > max_unexpected_bytes_ && !(unexpected_.empty() && h.length == 0)) {
+          rx_stalled_.store(true, std::memory_order_relaxed);
+          return false;
+        }
+        payload_message_.assign(h.length, 0);
+        payload_dst_ = payload_message_.data();
+        payload_to_message_ = true;
+      }
+      payload_recv_len_ = h.length;
+      payload_left_ = h.length;
+      break;
+    }
+    case FrameType::kFlush:
+    case FrameType::kClose:
+      payload_left_ = 0;
+      break;
+    case FrameType::kAck:
+    case FrameType::kAtomicResult:
+      payload_left_ = 0;
+      break;
+    default:
+      fail("received a frame of unknown type " + std::to_string(h.type) + "; closing the connection");
+      return false;
+  }
+  staging_begin_ += kHeaderSize;
+  current_ = h;
+  in_payload_ = payload_left_ > 0;
+  return true;
+}
+
+void StreamConnection::apply_signal(uint64_t region_id, uint64_t offset, uint64_t add, uint64_t* old_value) {
+  auto* word = reinterpret_cast<uint64_t*>(static_cast<char*>(signal_region_->base) + offset);
+  // acq_rel: the data written before (memcpy) is visible to whoever acquires the word.
+  uint64_t old = __atomic_fetch_add(word, add, __ATOMIC_ACQ_REL);
+  if (old_value) *old_value = old;
+  RegionTable::unpin(*signal_region_);
+  signal_region_.reset();
+}
+
+void StreamConnection::finish_frame_locked() {
+  const FrameHeader& h = current_;
+  FrameHeader reply;
+  switch (static_cast<FrameType>(h.type)) {
+    case FrameType::kPutPull:
+      if (h.length && !stream_->pull_from_peer(payload_dst_, h.value, h.length)) {
+        RegionTable::unpin(*payload_region_);
+        payload_region_.reset();
+        if (signal_region_) {
+          RegionTable::unpin(*signal_region_);
+          signal_region_.reset();
+        }
+        fail("could not copy a put from the peer's memory (process_vm_readv failed)");
+        return;
+      }
+      [[fallthrough]];
+    case FrameType::kPut:
+      std::atomic_thread_fence(std::memory_order_release);
+      RegionTable::unpin(*payload_region_);
+      payload_region_.reset();
+      if (h.flags & kFlagSignal) apply_signal(h.sig_region, h.sig_offset, h.sig_add, nullptr);
+      if (h.flags & kFlagAckRequest) {
+        reply.type = static_cast<uint8_t>(FrameType::kAck);
+        reply.value = h.seq;
+        queue_control(reply);
+      }
+      if (h.flags & kFlagSignal && on_inbound_) on_inbound_();
+      break;
+    case FrameType::kAtomicAdd: {
+      uint64_t old = 0;
+      apply_signal(h.region_id, h.offset, h.value, &old);
+      reply.type = static_cast<uint8_t>(FrameType::kAtomicResult);
+      reply.seq = h.seq;
+      reply.value = old;
+      queue_control(reply);
+      if (on_inbound_) on_inbound_();
+      break;
+    }
+    case FrameType::kSend:
+      if (payload_to_message_) {
+        deliver_message_locked(std::move(payload_message_));
+        payload_message_ = {};
+      } else if (payload_recv_op_) {
+        payload_recv_op_->complete(payload_recv_len_);
+        payload_recv_op_.reset();
+      }
+      if (on_inbound_) on_inbound_();
+      break;
+    case FrameType::kFlush:
+      reply.type = static_cast<uint8_t>(FrameType::kAck);
+      reply.value = h.seq;
+      queue_control(reply);
+      break;
+    case FrameType::kAck:
+      on_ack(h.value);
+      break;
+    case FrameType::kAtomicResult:
+      on_atomic_result(h.seq, h.value);
+      break;
+    case FrameType::kClose:
+      peer_said_close_ = true;
+      break;
+  }
+}
+
+void StreamConnection::deliver_message_locked(std::vector<char>&& message) {
+  OpRef op;
+  void* buffer = nullptr;
+  uint64_t capacity = 0;
+  {
+    std::lock_guard<std::mutex> lock(msg_mutex_);
+    if (posted_recvs_.empty()) {
+      unexpected_bytes_ += message.size();
+      unexpected_.push_back(std::move(message));
+      return;
+    }
+    PostedRecv r = posted_recvs_.front();
+    posted_recvs_.pop_front();
+    op = r.op;
+    buffer = r.buffer;
+    capacity = r.capacity;
+  }
+  if (message.size() > capacity) {
+    op->fail("message of " + std::to_string(message.size()) + " bytes does not fit the receive buffer of " +
+             std::to_string(capacity) + " bytes (message dropped)",
+               ErrorKind::kUsage);
+    return;
+  }
+  if (!message.empty()) std::memcpy(buffer, message.data(), message.size());
+  op->complete(message.size());
+}
+
+void StreamConnection::on_ack(uint64_t seq) {
+  std::vector<OpRef> completed;
+  {
+    std::lock_guard<std::mutex> lock(pending_mutex_);
+    auto it = pending_.begin();
+    while (it != pending_.end() && it->first <= seq) {
+      if (it->second.kind == Pending::kAck) {
+        completed.push_back(it->second.op);
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& op : completed) op->complete();
+  if (!completed.empty() && on_inbound_) on_inbound_();
+}
+
+void StreamConnection::on_atomic_result(uint64_t seq, uint64_t old_value) {
+  OpRef op;
+  {
+    std::lock_guard<std::mutex> lock(pending_mutex_);
+    auto it = pending_.find(seq);
+    if (it == pending_.end() || it->second.kind != Pending::kAtomic) return;
+    op = it->second.op;
+    pending_.erase(it);
+  }
+  op->complete(old_value);
+  if (on_inbound_) on_inbound_();
+}
+
+bool StreamConnection::drain_locked() {
+  bool did = false;
+  bool eof = false;
+  rx_stalled_.store(false, std::memory_order_relaxed);
+  try {
+    while (!failed_.load(std::memory_order_acquire)) {
+      if (!in_payload_) {
+        if (staging_end_ - staging_begin_ < kHeaderSize) {
+          if (!fill_staging_locked(&eof)) break;
+          continue;
+        }
+        if (!parse_header_locked()) break;
+        did = true;
+        if (!in_payload_) {
+          finish_frame_locked();
+          continue;
+        }
+      }
+      size_t avail = staging_end_ - staging_begin_;
+      size_t n = 0;
+      if (avail > 0) {
+        n = static_cast<size_t>(std::min<uint64_t>(avail, payload_left_));
+        if (payload_dst_) std::memcpy(payload_dst_, staging_.data() + staging_begin_, n);
+        staging_begin_ += n;
+      } else if (payload_dst_ && payload_left_ >= kDirectReadMin) {
+        n = stream_->read_some(payload_dst_, payload_left_, &eof);
+        if (n == 0) break;
+      } else {
+        if (!fill_staging_locked(&eof)) break;
+        continue;
+      }
+      did = true;
+      if (payload_dst_) payload_dst_ += n;
+      payload_left_ -= n;
+      if (payload_left_ == 0) {
+        in_payload_ = false;
+        finish_frame_locked();
+      }
+    }
+  } catch (const Error& e) {
+    fail(e.what());
+    return true;
+  }
+  if (eof && !failed_.load()) {
+    if (peer_said_close_) {
+      fail("the peer closed the channel");
+    } else if (in_payload_ || staging_end_ != staging_begin_) {
+      fail("the peer disconnected in the middle of a frame (process died?)");
+    } else {
+      fail("the peer disconnected without closing the channel (process died?)");
+    }
+    did = true;
+  }
+  if (failed_.load() && payload_recv_op_) {
+    payload_recv_op_->fail("connection failed while the message was arriving");
+    payload_recv_op_.reset();
+  }
+  return did;
+}
+
+bool StreamConnection::progress() {
+  if (failed_.load(std::memory_order_acquire)) return false;
+  if (!t_is_progress_thread) {
+    last_external_progress_ns_.store(now_ns(), std::memory_order_relaxed);
+  }
+  bool did = false;
+  if (rx_mutex_.try_lock()) {
+    did = drain_locked();
+    rx_mutex_.unlock();
+  }
+  if (control_pending_.load(std::memory_order_acquire)) did |= try_flush_control();
+  return did;
+}
+
+void StreamConnection::progress_thread_main() {
+  t_is_progress_thread = true;
+  while (!closing_.load(std::memory_order_acquire) && !failed_.load(std::memory_order_acquire)) {
+    // A thread that waits on this connection is driving it: stay out of its way.
+    if (now_ns() - last_external_progress_ns_.load(std::memory_order_relaxed) < kExternalDriverWindowNs) {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      continue;
+    }
+    if (progress()) continue;
+    if (rx_stalled_.load(std::memory_order_relaxed)) {
+      // Waiting for a recv to be posted; the stream stays readable meanwhile.
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      continue;
+    }
+    std::string gone = stream_->peer_gone_reason();
+    if (!gone.empty()) {
+      // Apply whatever the peer managed to send before it went away.
+      progress();
+      fail(gone);
+      break;
+    }
+    stream_->wait_readable(20);
+  }
+}
+
+void StreamConnection::close() {
+  if (closing_.exchange(true)) {
+    if (progress_thread_.joinable() && progress_thread_.get_id() != std::this_thread::get_id()) progress_thread_.join();
+    return;
+  }
+  if (!failed_.load()) {
+    // Best-effort goodbye so the peer reports "closed" rather than "died".
+    std::unique_lock<std::mutex> lock(tx_mutex_, std::try_to_lock);
+    if (lock.owns_lock()) {
+      FrameHeader h;
+      h.type = static_cast<uint8_t>(FrameType::kClose);
+      try {
+        write_frame_locked(h, nullptr, 0, Deadline::after_seconds(0.5));
+      } catch (const Error&) {
+      }
+    }
+  }
+  fail("the channel was closed locally");
+  stream_->wake();
+  if (progress_thread_.joinable() && progress_thread_.get_id() != std::this_thread::get_id()) progress_thread_.join();
+  std::lock_guard<std::mutex> lock(rx_mutex_);
+  if (payload_region_) {
+    RegionTable::unpin(*payload_region_);
+    payload_region_.reset();
+  }
+  if (signal_region_) {
+    RegionTable::unpin(*signal_region_);
+    signal_region_.reset();
+  }
+}
+
+}  // namespace lamina

@@ -1,0 +1,159 @@
+// lamina-net: the protocol engine shared by the byte-stream transports.
+//
+// tcp and shm differ only in how bytes move (a socket, or a pair of
+// shared-memory rings); framing, validation, ordering, acks, flow control and
+// failure handling live here once. A StreamConnection owns one ByteStream and
+// one progress thread; threads that wait on its operations also drive it.
+//
+// Threading: the tx side is serialized by tx_mutex_ (a frame and its payload
+// are written contiguously); the rx side by rx_mutex_ (one thread parses at a
+// time). The rx path never blocks on tx: replies (acks, atomic results) go to
+// a control queue flushed by whoever holds tx next, so two peers writing large
+// payloads to each other cannot deadlock.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "transports/transport.hpp"
+#include "transports/wire.hpp"
+
+namespace lamina {
+
+// Bytes in, bytes out, non-blocking. Implementations: tcp socket, shm rings.
+class ByteStream {
+ public:
+  virtual ~ByteStream() = default;
+  // Reads up to `max` bytes. Returns the count, 0 when nothing is available.
+  // Sets *eof when the peer closed (orderly); throws kSystem on errors.
+  virtual size_t read_some(void* buf, size_t max, bool* eof) = 0;
+  // Writes a prefix of the iovecs; returns bytes written, 0 when full.
+  virtual size_t write_some(const struct iovec* iov, int iovcnt) = 0;
+  // Blocks up to timeout_ms until readable, woken early by wake().
+  virtual void wait_readable(int timeout_ms) = 0;
+  virtual void wait_writable(int timeout_ms) = 0;
+  virtual void wake() = 0;
+  // Makes the peer see end-of-stream. Idempotent.
+  virtual void shutdown() = 0;
+  // Non-empty when the peer is known to be gone (e.g. its process exited).
+  virtual std::string peer_gone_reason() { return {}; }
+  // Single-copy pull support (shm): copy `len` bytes from the peer process's
+  // address into `dst`. Returns false if the peer's memory is not reachable.
+  virtual bool pull_from_peer(void* dst, uint64_t peer_addr, uint64_t len) { return false; }
+  // Smallest put that uses a pull instead of streaming the payload.
+  virtual uint64_t pull_threshold() const { return UINT64_MAX; }
+};
+
+class StreamConnection : public Connection {
+ public:
+  StreamConnection(const char* transport_name, int peer_rank, std::unique_ptr<ByteStream> stream,
+                   RegionTable* regions, std::function<void()> on_inbound);
+  ~StreamConnection() override;
+
+  const char* transport_name() const override { return transport_name_; }
+  void post_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal, const OpRef& done,
+                Deadline deadline) override;
+  void post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) override;
+  void post_send(const void* data, uint64_t len, const OpRef& done, Deadline deadline) override;
+  void post_recv(void* buffer, uint64_t capacity, const OpRef& done) override;
+  void post_flush(const OpRef& done, Deadline deadline) override;
+  bool progress() override;
+  void close() override;
+  bool failed(std::string* why) const override;
+
+  // Starts the progress thread; called by the transport once connected.
+  void start();
+
+ private:
+  enum class Pending { kAck, kAtomic };
+  struct PendingOp {
+    Pending kind;
+    OpRef op;
+  };
+  struct PostedRecv {
+    void* buffer;
+    uint64_t capacity;
+    OpRef op;
+  };
+
+  // tx
+  uint64_t next_seq_locked() { return ++last_seq_; }
+  void write_frame_locked(const FrameHeader& header, const void* payload, uint64_t len, Deadline deadline);
+  void write_all_locked(struct iovec* iov, int iovcnt, Deadline deadline);
+  void queue_control(const FrameHeader& header);
+  void flush_control_locked();
+  bool try_flush_control();
+  void throw_if_failed() const;
+
+  // rx
+  bool drain_locked();  // returns true if anything was processed
+  bool parse_header_locked();
+  void finish_frame_locked();
+  bool fill_staging_locked(bool* eof);
+  void apply_signal(uint64_t region_id, uint64_t offset, uint64_t add, uint64_t* old_value);
+  void on_ack(uint64_t seq);
+  void on_atomic_result(uint64_t seq, uint64_t old_value);
+  void deliver_message_locked(std::vector<char>&& message);
+
+  void fail(const std::string& why);
+  void progress_thread_main();
+
+  const char* transport_name_;
+  std::unique_ptr<ByteStream> stream_;
+  RegionTable* regions_;
+  std::function<void()> on_inbound_;
+
+  // tx state
+  std::mutex tx_mutex_;
+  uint64_t last_seq_ = 0;
+  std::mutex control_mutex_;
+  std::vector<FrameHeader> control_queue_;
+  std::atomic<bool> control_pending_{false};
+
+  // ops waiting for the peer (acks, atomic results), by seq
+  std::mutex pending_mutex_;
+  std::map<uint64_t, PendingOp> pending_;
+
+  // rx state (guarded by rx_mutex_)
+  std::mutex rx_mutex_;
+  std::vector<char> staging_;
+  size_t staging_begin_ = 0, staging_end_ = 0;
+  bool in_payload_ = false;
+  FrameHeader current_{};
+  char* payload_dst_ = nullptr;     // null: discard
+  uint64_t payload_left_ = 0;
+  std::shared_ptr<Region> payload_region_;  // pinned while writing into it
+  std::shared_ptr<Region> signal_region_;   // pinned until the signal is applied
+  std::vector<char> payload_message_;       // unexpected message being received
+  bool payload_to_message_ = false;
+  OpRef payload_recv_op_;
+  uint64_t payload_recv_len_ = 0;
+  bool peer_said_close_ = false;
+  std::atomic<bool> rx_stalled_{false};  // unexpected-bytes budget exhausted
+
+  // two-sided messages
+  std::mutex msg_mutex_;
+  std::deque<PostedRecv> posted_recvs_;
+  std::deque<std::vector<char>> unexpected_;
+  uint64_t unexpected_bytes_ = 0;
+  uint64_t max_unexpected_bytes_;
+
+  // failure / lifetime
+  mutable std::mutex fail_mutex_;
+  std::string fail_reason_;
+  std::atomic<bool> failed_{false};
+  std::atomic<bool> closing_{false};
+  std::atomic<uint64_t> last_external_progress_ns_{0};
+  std::thread progress_thread_;
+};
+
+}  // namespace lamina

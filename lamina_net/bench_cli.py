@@ -1,0 +1,246 @@
+"""``lamina-net bench latency``: two-rank ping-pong latency per transport and size.
+
+By default both ranks run as local processes; ``--rank/--world-size/--store``
+runs one rank of a cross-host pair. The timing loop is in C++ (no Python in
+the measurement). One-way latency is half the round trip. Plain C reference
+ping-pongs (bench/ref_*_pingpong.c, shipped with the package) run in the same
+invocation so that speed is compared as ratios measured side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_SIZES = [8, 64, 512, 4096, 32768, 65536, 262144, 1048576]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH")
+    sub.required = True
+    lat = sub.add_parser("latency", help="ping-pong one-way latency (p50/p99) per transport and size")
+    lat.add_argument("--transport", default="all",
+                     help="comma-separated: tcp, shm, verbs, or all (the available ones); default all")
+    lat.add_argument("--op", default="put", choices=["put", "send"],
+                     help="put: put-with-signal each way (default); send: send/recv")
+    lat.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+                     help="comma-separated message sizes in bytes (default 8 B .. 1 MiB)")
+    lat.add_argument("--iterations", type=int, default=0, help="measured round trips per size (default: by size)")
+    lat.add_argument("--warmup", type=int, default=50, help="unmeasured round trips per size")
+    lat.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    lat.add_argument("--no-reference", action="store_true", help="skip the plain C reference ping-pongs")
+    lat.add_argument("--rank", type=int, help="run one rank only (cross-host); needs --store")
+    lat.add_argument("--world-size", type=int, default=2)
+    lat.add_argument("--store", help="host:port of the store (rank 0 hosts it)")
+    lat.add_argument("--timeout", type=float, default=60.0, help="bound in seconds for each wait")
+
+
+def _parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"lamina-net bench: --sizes must be comma-separated integers, got {text!r}")
+    if not sizes or any(s <= 0 or s > (1 << 30) for s in sizes):
+        raise SystemExit("lamina-net bench: sizes must be in [1, 1 GiB]")
+    return sizes
+
+
+def _iterations_for(size: int, requested: int) -> int:
+    if requested > 0:
+        return requested
+    if size <= 65536:
+        return 2000
+    if size <= 262144:
+        return 500
+    return 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    i = min(len(sorted_values) - 1, int(q * len(sorted_values)))
+    return sorted_values[i]
+
+
+def run_rank(rank: int, world_size: int, store: str, transport: str, op: str, sizes: list[int],
+             iterations: int, warmup: int, timeout: float, group: str) -> list[dict]:
+    """One rank of the ping-pong; rank 0 returns the records."""
+    import numpy as np
+
+    from . import Endpoint
+    from .core import Access
+
+    peer = 1 - rank
+    max_size = max(sizes)
+    with Endpoint(rank, world_size, store, group=group, timeout=timeout) as ep:
+        buf = np.zeros(max(max_size, 64), dtype=np.uint8)
+        sig = np.zeros(8, dtype=np.uint64)
+        rbuf = ep.register(buf, Access.REMOTE_WRITE)
+        rsig = ep.register(sig, Access.REMOTE_ATOMIC)
+        ep.publish("bench-buf", rbuf)
+        ep.publish("bench-sig", rsig)
+        ch = ep.channel(peer, transport)
+        remote_buf, remote_sig = ep.lookup(peer, "bench-buf"), ep.lookup(peer, "bench-sig")
+        records = []
+        for size in sizes:
+            n = _iterations_for(size, iterations)
+            ep.barrier(f"size-{size}")
+            times = ep._live().pingpong(ch._live(), op, size, n, warmup, rank == 0, timeout,
+                                        rbuf._live(), rsig._live(), remote_buf._desc, remote_sig._desc)
+            if rank == 0:
+                times.sort()
+                records.append({
+                    "transport": ch.transport, "op": op, "size_bytes": size, "iterations": n,
+                    "p50_us": _percentile(times, 0.5) / 2e3, "p99_us": _percentile(times, 0.99) / 2e3,
+                })
+        ep.barrier("done")
+        return records
+
+
+def _rank_main(queue, *args) -> None:
+    try:
+        queue.put(("ok", run_rank(*args)))
+    except BaseException as e:  # report to the parent instead of dying silently
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_local_pair(transport: str, op: str, sizes: list[int], iterations: int, warmup: int,
+                   timeout: float) -> list[dict]:
+    """Runs both ranks as local processes; returns rank 0's records."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    store = f"127.0.0.1:{_free_port()}"
+    group = f"bench-{os.getpid()}-{transport}"
+    procs = [ctx.Process(target=_rank_main, args=(queue, r, 2, store, transport, op, sizes, iterations, warmup,
+                                                  timeout, group)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        for _ in procs:
+            results.append(queue.get(timeout=timeout * (len(sizes) + 2) + 60))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = [msg for status, msg in results if status == "error"]
+    if errors:
+        raise RuntimeError(f"{transport} benchmark failed: " + "; ".join(errors))
+    return next(r for status, r in results if r)
+
+
+def reference_binary(name: str) -> Path | None:
+    from . import _core
+
+    candidates = [Path(_core.__file__).parent / "bin" / name]
+    candidates += sorted(Path(__file__).resolve().parent.parent.glob(f"build/*/{name}"))
+    for c in candidates:
+        if c.exists() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def run_reference(transport: str, sizes: list[int], iterations: int, warmup: int) -> dict[int, dict]:
+    """p50/p99 one-way latency of the plain C reference, by size ({} if unavailable)."""
+    name = {"tcp": "ref_tcp_pingpong", "shm": "ref_shm_pingpong"}.get(transport)
+    exe = reference_binary(name) if name else None
+    if exe is None:
+        return {}
+    out = {}
+    for size in sizes:
+        n = _iterations_for(size, iterations)
+        args = [str(exe)] + (["pingpong"] if transport == "shm" else []) + [str(size), str(n), str(warmup)]
+        text = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout
+        fields = dict(kv.split("=") for kv in text.split())
+        out[size] = {"p50_us": float(fields["p50_rtt_ns"]) / 2e3, "p99_us": float(fields["p99_rtt_ns"]) / 2e3}
+    return out
+
+
+def run_memcpy_reference(sizes: list[int], iterations: int, warmup: int) -> dict[int, float]:
+    exe = reference_binary("ref_shm_pingpong")
+    if exe is None:
+        return {}
+    out = {}
+    for size in sizes:
+        n = _iterations_for(size, iterations)
+        text = subprocess.run([str(exe), "memcpy", str(size), str(n), str(warmup)], capture_output=True, text=True,
+                              check=True, timeout=600).stdout
+        fields = dict(kv.split("=") for kv in text.split())
+        out[size] = float(fields["p50_ns"]) / 1e3
+    return out
+
+
+def _available_transports() -> list[str]:
+    from . import _core
+
+    names = ["shm", "tcp"]
+    if _core.verbs_available()[0]:
+        names.append("verbs")
+    return names
+
+
+def print_table(records: list[dict], file=sys.stdout) -> None:
+    header = f"{'transport':<9} {'op':<5} {'size':>9} {'iters':>6} {'p50 us':>9} {'p99 us':>9} " \
+             f"{'ref p50':>9} {'ratio':>6} {'memcpy':>9} {'put/memcpy':>10}"
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    for r in records:
+        ref = f"{r['ref_p50_us']:9.2f}" if r.get("ref_p50_us") else f"{'-':>9}"
+        ratio = f"{r['ratio_vs_ref']:6.2f}" if r.get("ratio_vs_ref") else f"{'-':>6}"
+        mc = f"{r['memcpy_us']:9.2f}" if r.get("memcpy_us") else f"{'-':>9}"
+        mratio = f"{r['ratio_vs_memcpy']:10.2f}" if r.get("ratio_vs_memcpy") else f"{'-':>10}"
+        print(f"{r['transport']:<9} {r['op']:<5} {r['size_bytes']:>9} {r['iterations']:>6} {r['p50_us']:9.2f} "
+              f"{r['p99_us']:9.2f} {ref} {ratio} {mc} {mratio}", file=file)
+
+
+def run(args) -> int:
+    sizes = _parse_sizes(args.sizes)
+    if args.iterations < 0 or args.warmup < 0:
+        raise SystemExit("lamina-net bench: --iterations and --warmup must be >= 0")
+    if args.timeout <= 0:
+        raise SystemExit("lamina-net bench: --timeout must be > 0")
+    wanted = _available_transports() if args.transport == "all" else [t.strip() for t in args.transport.split(",")]
+    for t in wanted:
+        if t not in ("tcp", "shm", "verbs"):
+            raise SystemExit(f"lamina-net bench: unknown transport {t!r}")
+    if args.rank is not None:
+        if not args.store:
+            raise SystemExit("lamina-net bench: --rank needs --store host:port")
+        records = []
+        for t in wanted:
+            records += run_rank(args.rank, args.world_size, args.store, t, args.op, sizes, args.iterations,
+                                args.warmup, args.timeout, f"bench-{t}")
+        if args.rank != 0:
+            return 0
+    else:
+        records = []
+        for t in wanted:
+            records += run_local_pair(t, args.op, sizes, args.iterations, args.warmup, args.timeout)
+    if not args.no_reference:
+        memcpy = run_memcpy_reference(sizes, args.iterations, args.warmup)
+        refs = {t: run_reference(t, sizes, args.iterations, args.warmup) for t in wanted if t in ("tcp", "shm")}
+        for r in records:
+            ref = refs.get(r["transport"], {}).get(r["size_bytes"])
+            if ref:
+                r["ref_p50_us"] = ref["p50_us"]
+                r["ref_p99_us"] = ref["p99_us"]
+                r["ratio_vs_ref"] = r["p50_us"] / ref["p50_us"] if ref["p50_us"] > 0 else None
+            if r["transport"] == "shm" and r["size_bytes"] in memcpy:
+                r["memcpy_us"] = memcpy[r["size_bytes"]]
+                r["ratio_vs_memcpy"] = r["p50_us"] / memcpy[r["size_bytes"]] if memcpy[r["size_bytes"]] > 0 else None
+    print_table(records)
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2))
+    return 0

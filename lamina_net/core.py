@@ -1,0 +1,589 @@
+"""Endpoints, registered regions, channels and handles.
+
+See ``docs/python-api.md`` for a tour. Contracts (from the C++ headers):
+
+* Operations on one channel are applied at the target in issue order; a put's
+  signal is applied only after its data is visible.
+* ``put``/``send`` return when the source may be reused; ``iput`` returns a
+  :class:`Handle` that completes when the data is applied at the target;
+  ``flush`` waits until everything issued before it is applied.
+* Every blocking call takes ``timeout=`` (seconds; default: the endpoint's).
+* A channel error is sticky; other channels are unaffected.
+* ``close()`` is idempotent; every object is a context manager.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import threading
+from typing import Any, Optional, Union
+
+from . import _core
+from ._arrays import Buffer, as_buffer
+from .errors import LaminaError, TimeoutError, TransportError, UsageError
+from .store import StoreClient, StoreServer, TorchStoreAdapter, parse_address
+
+
+class Access(enum.IntFlag):
+    """Access rights of a registered region."""
+
+    LOCAL = _core.ACCESS_LOCAL
+    REMOTE_WRITE = _core.ACCESS_REMOTE_WRITE
+    REMOTE_READ = _core.ACCESS_REMOTE_READ
+    REMOTE_ATOMIC = _core.ACCESS_REMOTE_ATOMIC
+    ALL = _core.ACCESS_ALL
+
+
+TRANSPORTS = ("tcp", "shm", "verbs")
+
+
+def _check_timeout(timeout: Optional[float]) -> float:
+    if timeout is None:
+        return -1.0
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise UsageError(f"timeout must be a number of seconds, got {timeout!r}") from None
+    if not t >= 0:
+        raise UsageError(f"timeout must be >= 0 seconds, got {timeout!r}")
+    return t
+
+
+def _check_uint(name: str, value: Any, limit: int = 1 << 64) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise UsageError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < 0 or value >= limit:
+        raise UsageError(f"{name}={value} is out of range")
+    return value
+
+
+def _store_for(store: Any, rank: int, world_size: int, timeout: float):
+    """Returns (adapter, server_to_close) for whatever the user passed as store."""
+    if store is None:
+        store = os.environ.get("LAMINA_NET_STORE")
+        if not store and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+            # Under torchrun: a store next to torch's, on MASTER_PORT + 1.
+            store = f"{os.environ['MASTER_ADDR']}:{int(os.environ['MASTER_PORT']) + 1}"
+        if not store:
+            raise UsageError("no store given: pass store='host:port', a torch.distributed Store, or set "
+                             "LAMINA_NET_STORE")
+    if isinstance(store, str):
+        try:
+            host, port = parse_address(store)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        server = None
+        if rank == 0:
+            try:
+                server = StoreServer(host, port)
+            except OSError as e:
+                raise TransportError(f"rank 0 could not host the store on {store}: {e}") from e
+        try:
+            client = StoreClient(host, port, connect_timeout=timeout)
+        except builtins_timeout_type() as e:
+            if server:
+                server.close()
+            raise TimeoutError(str(e)) from e
+        return client, server
+    if hasattr(store, "set") and hasattr(store, "wait") and type(store).__module__.startswith("torch"):
+        return TorchStoreAdapter(store), None
+    if isinstance(store, (StoreClient, TorchStoreAdapter)) or (hasattr(store, "set") and hasattr(store, "get")):
+        return store, None
+    raise UsageError(f"unsupported store {type(store).__name__}: pass 'host:port', a torch.distributed Store or "
+                     "an object with set(key, bytes) and get(key, timeout)")
+
+
+def builtins_timeout_type():
+    import builtins
+
+    return builtins.TimeoutError
+
+
+def _default_tcp_host(store_address: Optional[str]) -> str:
+    env = os.environ.get("LAMINA_NET_TCP_HOST")
+    if env:
+        return env
+    if store_address:
+        host = store_address.rpartition(":")[0].strip("[]")
+        if host in ("localhost",) or host.startswith("127."):
+            return "127.0.0.1"
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class RemoteRegion:
+    """A peer's region, as described by its owner (a capability).
+
+    Serialize with :meth:`to_bytes`, rebuild with :meth:`from_bytes`.
+    """
+
+    __slots__ = ("_desc",)
+
+    def __init__(self, desc: "_core.Descriptor"):
+        self._desc = desc
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "RemoteRegion":
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise UsageError("descriptor must be bytes")
+        return cls(_core.Descriptor.from_bytes(bytes(blob)))
+
+    def to_bytes(self) -> bytes:
+        return self._desc.to_bytes()
+
+    @property
+    def rank(self) -> int:
+        return self._desc.owner_rank
+
+    @property
+    def nbytes(self) -> int:
+        return self._desc.size
+
+    @property
+    def access(self) -> Access:
+        return Access(self._desc.access)
+
+    def __repr__(self) -> str:
+        return f"RemoteRegion(rank={self.rank}, nbytes={self.nbytes}, access={self.access!r})"
+
+
+class Region:
+    """Local memory registered with an endpoint (zero-copy; the array is kept alive).
+
+    Peers reach it only through its :meth:`descriptor`, within its bounds and
+    access rights. Offsets are in bytes.
+    """
+
+    def __init__(self, endpoint: "Endpoint", handle: "_core.Region", buffer: Buffer):
+        self._endpoint = endpoint
+        self._handle = handle
+        self._buffer = buffer
+        self.array = buffer.owner if not isinstance(buffer.owner, tuple) else buffer.owner[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self._buffer.nbytes
+
+    @property
+    def ptr(self) -> int:
+        return self._buffer.ptr
+
+    @property
+    def access(self) -> Access:
+        return Access(self._handle.access)
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def _live(self) -> "_core.Region":
+        if self._handle is None:
+            raise UsageError("region is closed")
+        return self._handle
+
+    def descriptor(self) -> RemoteRegion:
+        """What a peer needs to target this region."""
+        return RemoteRegion(self._endpoint._live().describe(self._live()))
+
+    def read_u64(self, offset: int = 0) -> int:
+        """Atomically reads the u64 at byte ``offset`` (acquire)."""
+        return self._live().load_u64(_check_uint("offset", offset))
+
+    def wait(self, offset: int = 0, value: int = 1, timeout: Optional[float] = None,
+             channel: Optional["Channel"] = None) -> int:
+        """Waits until the u64 signal word at ``offset`` is >= ``value``; returns it.
+
+        With ``channel``, fails fast (TransportError) if that channel fails.
+        """
+        handle = self._live()
+        ep = self._endpoint._live()
+        ep.wait_signal(handle, _check_uint("offset", offset), _check_uint("value", value), _check_timeout(timeout),
+                       channel._live() if channel is not None else None)
+        return handle.load_u64(offset)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Deregisters the region (waits for inbound writers). Idempotent."""
+        if self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        if not self._endpoint.closed:
+            self._endpoint._core.deregister(handle.id, _check_timeout(timeout))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"nbytes={self.nbytes}, access={self.access!r}"
+        return f"Region({state})"
+
+
+class Handle:
+    """A non-blocking operation. ``wait()`` blocks (bounded); ``test()`` polls.
+
+    ``result``: bytes received (recv), previous value (atomic_add), else None.
+    """
+
+    __slots__ = ("_channel", "_op", "_what", "_keepalive", "_result_kind")
+
+    def __init__(self, channel: "Channel", op, what: str, keepalive: Any = None, result_kind: str = "none"):
+        self._channel = channel
+        self._op = op
+        self._what = what
+        self._keepalive = keepalive
+        self._result_kind = result_kind
+
+    def test(self) -> bool:
+        """True once complete; raises the operation's error if it failed."""
+        if self._op is None:
+            return True
+        return self._channel._live().test(self._op)
+
+    def wait(self, timeout: Optional[float] = None):
+        """Blocks until complete (at most ``timeout`` s); returns :attr:`result`."""
+        if self._op is not None:
+            self._channel._live().wait(self._op, _check_timeout(timeout), self._what)
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        return self._op is None or self._op.done
+
+    @property
+    def result(self) -> Optional[int]:
+        if self._op is None or not self._op.done or self._op.failed or self._result_kind == "none":
+            return None
+        return self._op.value
+
+
+class Channel:
+    """An ordered connection between this rank and one peer over one transport."""
+
+    def __init__(self, endpoint: "Endpoint", handle: "_core.Channel"):
+        self._endpoint = endpoint
+        self._handle = handle
+
+    @property
+    def peer(self) -> int:
+        return self._live().peer
+
+    @property
+    def transport(self) -> str:
+        return self._live().transport
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None or self._handle.closed
+
+    def _live(self) -> "_core.Channel":
+        if self._handle is None or self._handle.closed:
+            raise UsageError("channel is closed")
+        return self._handle
+
+    def _source(self, src, src_offset: int, nbytes: Optional[int]) -> tuple[int, int, Any]:
+        if isinstance(src, Region):
+            src._live()
+            base, total, keep = src.ptr, src.nbytes, src
+        else:
+            buf = as_buffer(src)
+            base, total, keep = buf.ptr, buf.nbytes, buf.owner
+            if buf.cuda and not _core.HAVE_CUDA:
+                raise UsageError("CUDA memory needs lamina-net built with CUDA")
+        src_offset = _check_uint("src_offset", src_offset)
+        n = total - src_offset if nbytes is None else _check_uint("nbytes", nbytes)
+        if src_offset > total or n > total - src_offset:
+            raise UsageError(f"source slice [{src_offset}, {src_offset}+{n}) is outside the {total}-byte source")
+        return base + src_offset, n, keep
+
+    @staticmethod
+    def _remote(dst) -> "_core.Descriptor":
+        if isinstance(dst, RemoteRegion):
+            return dst._desc
+        if isinstance(dst, Region):
+            raise UsageError("pass the peer's RemoteRegion (region.descriptor() on the peer), not a local Region")
+        raise UsageError(f"expected a RemoteRegion, got {type(dst).__name__}")
+
+    def _put(self, src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, want, timeout):
+        ptr, n, keep = self._source(src, src_offset, nbytes)
+        sig = self._remote(signal) if signal is not None else None
+        op = self._live().put(ptr, n, self._remote(dst), _check_uint("dst_offset", dst_offset), sig,
+                              _check_uint("signal_offset", signal_offset), _check_uint("signal_add", signal_add),
+                              want, _check_timeout(timeout))
+        return op, keep, n
+
+    def put(self, src, dst: RemoteRegion, dst_offset: int = 0, *, src_offset: int = 0, nbytes: Optional[int] = None,
+            signal: Optional[RemoteRegion] = None, signal_offset: int = 0, signal_add: int = 1,
+            timeout: Optional[float] = None) -> None:
+        """One-sided write of ``src`` (array or Region slice) into ``dst`` at ``dst_offset``.
+
+        With ``signal``, then adds ``signal_add`` to the u64 at ``signal_offset`` of
+        that remote region, after the data is visible. Returns when ``src`` may be reused.
+        """
+        self._put(src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, False, timeout)
+
+    def iput(self, src, dst: RemoteRegion, dst_offset: int = 0, *, src_offset: int = 0,
+             nbytes: Optional[int] = None, signal: Optional[RemoteRegion] = None, signal_offset: int = 0,
+             signal_add: int = 1, timeout: Optional[float] = None) -> Handle:
+        """Like :meth:`put`; the handle completes when the data is applied at the target."""
+        op, keep, n = self._put(src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, True,
+                                timeout)
+        return Handle(self, op, f"put of {n} bytes", keep)
+
+    def iatomic_add(self, dst: RemoteRegion, offset: int = 0, value: int = 1,
+                    timeout: Optional[float] = None) -> Handle:
+        """Remote 64-bit fetch-and-add; the handle's result is the previous value."""
+        op = self._live().atomic_add(self._remote(dst), _check_uint("offset", offset), _check_uint("value", value),
+                                     _check_timeout(timeout))
+        return Handle(self, op, "atomic_add", None, "value")
+
+    def atomic_add(self, dst: RemoteRegion, offset: int = 0, value: int = 1, timeout: Optional[float] = None) -> int:
+        """Blocking remote fetch-and-add; returns the previous value."""
+        return self.iatomic_add(dst, offset, value, timeout).wait(timeout)
+
+    def isend(self, data, timeout: Optional[float] = None) -> Handle:
+        """Sends one message (ordered). The source may be reused once this returns."""
+        buf = as_buffer(data)
+        if buf.cuda:
+            raise UsageError("send/recv of CUDA memory is not supported yet; use put into a registered region")
+        op = self._live().send(buf.ptr, buf.nbytes, _check_timeout(timeout))
+        return Handle(self, op, f"send of {buf.nbytes} bytes", None, "value")
+
+    def send(self, data, timeout: Optional[float] = None) -> None:
+        self.isend(data, timeout).wait(timeout)
+
+    def irecv(self, out) -> Handle:
+        """Posts a receive into ``out``; the handle's result is the message size in bytes.
+
+        Receives complete in posting order. A message larger than ``out`` fails
+        that receive with UsageError (the message is dropped).
+        """
+        buf = as_buffer(out, writable=True)
+        if buf.cuda:
+            raise UsageError("send/recv of CUDA memory is not supported yet; use put into a registered region")
+        op = self._live().recv(buf.ptr, buf.nbytes)
+        return Handle(self, op, f"recv into {buf.nbytes} bytes", buf.owner, "value")
+
+    def recv(self, out, timeout: Optional[float] = None) -> int:
+        """Blocks until the next message arrives in ``out``; returns its size in bytes."""
+        return self.irecv(out).wait(timeout)
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Blocks until every operation issued before it is applied at the target."""
+        handle = self._live()
+        op = handle.flush(_check_timeout(timeout))
+        handle.wait(op, _check_timeout(timeout), "flush")
+
+    def failed(self) -> Optional[str]:
+        """The reason this channel failed, or None."""
+        if self._handle is None:
+            return None
+        is_failed, why = self._handle.failed()
+        return why if is_failed else None
+
+    def close(self) -> None:
+        """Closes the channel; the peer sees 'closed'. Idempotent."""
+        if self._handle is not None:
+            self._handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._handle is None:
+            return "Channel(closed)"
+        return f"Channel(peer={self._handle.peer}, transport={self._handle.transport!r}, closed={self.closed})"
+
+
+class Endpoint:
+    """This process's presence in a group of ``world_size`` ranks.
+
+    ``store``: a ``torch.distributed`` Store, ``"host:port"`` (rank 0 hosts a
+    standalone store there), an object with ``set``/``get(key, timeout)``, or
+    None (``LAMINA_NET_STORE``, or torchrun's ``MASTER_ADDR``/``MASTER_PORT`` + 1).
+    ``transports``: which to enable (default all available).
+    """
+
+    def __init__(self, rank: int, world_size: int, store: Any = None, *, group: str = "default",
+                 timeout: Optional[float] = None, transports=("shm", "tcp", "verbs"), tcp_host: Optional[str] = None,
+                 ib_device: str = "", ib_port: int = -1, ib_gid_index: int = -1):
+        self._core = None
+        self._server = None
+        self._store = None
+        self._regions: list = []
+        self._channels: dict = {}
+        self._lock = threading.Lock()
+        if isinstance(rank, bool) or not isinstance(rank, int) or isinstance(world_size, bool) or \
+                not isinstance(world_size, int):
+            raise UsageError("rank and world_size must be ints")
+        if timeout is None:
+            timeout = float(os.environ.get("LAMINA_NET_TIMEOUT", "60"))
+        timeout = _check_timeout(timeout)
+        if timeout <= 0:
+            raise UsageError("timeout must be > 0 seconds")
+        transports = tuple(transports)
+        for t in transports:
+            if t not in TRANSPORTS:
+                raise UsageError(f"unknown transport {t!r} (expected one of {', '.join(TRANSPORTS)})")
+        self.timeout = timeout
+        self._store, self._server = _store_for(store, rank, world_size, timeout)
+        store_address = store if isinstance(store, str) else getattr(self._store, "address", None)
+        try:
+            self._core = _core.Endpoint(rank, world_size, self._store, group, timeout,
+                                        tcp_host or _default_tcp_host(store_address), list(transports),
+                                        ib_device, ib_port, ib_gid_index)
+        except BaseException:
+            self._close_store()
+            raise
+
+    # ---- properties
+    @property
+    def rank(self) -> int:
+        return self._live().rank
+
+    @property
+    def world_size(self) -> int:
+        return self._live().world_size
+
+    @property
+    def closed(self) -> bool:
+        return self._core is None
+
+    @property
+    def transports(self) -> list:
+        """Transports usable on this endpoint."""
+        return list(self._live().available_transports()[0])
+
+    @property
+    def verbs_unavailable_reason(self) -> str:
+        return self._live().available_transports()[1]
+
+    def _live(self) -> "_core.Endpoint":
+        if self._core is None:
+            raise UsageError("endpoint is closed")
+        return self._core
+
+    # ---- memory
+    def register(self, array, access: Access = Access.ALL) -> Region:
+        """Registers ``array``'s memory (zero-copy) with the given access rights."""
+        try:
+            access = Access(access)
+        except ValueError:
+            raise UsageError(f"invalid access flags {access!r}") from None
+        buf = as_buffer(array, writable=bool(access & (Access.REMOTE_WRITE | Access.REMOTE_ATOMIC)))
+        if buf.cuda and not _core.HAVE_CUDA:
+            raise UsageError("CUDA memory needs lamina-net built with CUDA (LAMINA_NET_WITH_CUDA=ON)")
+        if buf.nbytes == 0:
+            raise UsageError("cannot register an empty array")
+        handle = self._live().register_memory(buf.ptr, buf.nbytes, int(access), buf.cuda, buf.device)
+        region = Region(self, handle, buf)
+        with self._lock:
+            self._regions.append(region)
+        return region
+
+    def publish(self, name: str, region: Region) -> None:
+        """Makes ``region``'s descriptor available to peers under ``name``."""
+        if not isinstance(region, Region):
+            raise UsageError("publish needs a Region")
+        self._store.set(self._key(self.rank, name), region.descriptor().to_bytes())
+
+    def lookup(self, peer: int, name: str, timeout: Optional[float] = None) -> RemoteRegion:
+        """Fetches the descriptor ``peer`` published under ``name`` (waits, bounded)."""
+        peer = _check_uint("peer", peer, self.world_size)
+        t = self.timeout if timeout is None else _check_timeout(timeout)
+        try:
+            blob = self._store.get(self._key(peer, name), t)
+        except builtins_timeout_type() as e:
+            raise TimeoutError(f"rank {peer} did not publish region {name!r} within {t:.3g} s") from e
+        return RemoteRegion.from_bytes(blob)
+
+    def _key(self, rank: int, name: str) -> str:
+        if not isinstance(name, str) or not name:
+            raise UsageError("region name must be a non-empty string")
+        return f"ln/{self._group_name()}/regions/{rank}/{name}"
+
+    def _group_name(self) -> str:
+        return getattr(self, "_group", None) or "g"
+
+    # ---- channels
+    def channel(self, peer: int, transport: str = "auto", *, tag: int = 0,
+                timeout: Optional[float] = None) -> Channel:
+        """The channel to ``peer`` (created on first call; both ranks must call it).
+
+        ``transport``: "auto" (shm on the same host, else verbs, else tcp),
+        "shm", "tcp" or "verbs".
+        """
+        if transport not in TRANSPORTS + ("auto",):
+            raise UsageError(f"unknown transport {transport!r} (expected auto, {', '.join(TRANSPORTS)})")
+        handle = self._live().channel(_check_uint("peer", peer, 1 << 31), transport, _check_uint("tag", tag, 1 << 31),
+                                      _check_timeout(timeout))
+        with self._lock:
+            ch = self._channels.get(id(handle))
+            if ch is None or ch._handle is not handle:
+                ch = Channel(self, handle)
+                self._channels[id(handle)] = ch
+        return ch
+
+    def choose_transport(self, peer: int, timeout: Optional[float] = None) -> tuple:
+        """(transport, reason) that ``channel(peer, "auto")`` would pick."""
+        t = self.timeout if timeout is None else _check_timeout(timeout)
+        return tuple(self._live().choose_transport(_check_uint("peer", peer, self.world_size), t))
+
+    def barrier(self, name: str = "barrier", timeout: Optional[float] = None) -> None:
+        """Waits until every rank reached a barrier of this name (through the store)."""
+        t = self.timeout if timeout is None else _check_timeout(timeout)
+        self._store.set(f"ln/{self._group_name()}/barrier/{name}/{self.rank}", b"1")
+        for r in range(self.world_size):
+            try:
+                self._store.get(f"ln/{self._group_name()}/barrier/{name}/{r}", t)
+            except builtins_timeout_type() as e:
+                raise TimeoutError(f"barrier {name!r}: rank {r} did not arrive within {t:.3g} s") from e
+
+    # ---- lifetime
+    def close(self) -> None:
+        """Closes channels, deregisters regions, stops hosting the store. Idempotent."""
+        if self._core is None:
+            return
+        core, self._core = self._core, None
+        core.close()
+        with self._lock:
+            for region in self._regions:
+                region._handle = None
+            self._regions.clear()
+            self._channels.clear()
+        self._close_store()
+
+    def _close_store(self) -> None:
+        if self._store is not None and isinstance(self._store, StoreClient):
+            self._store.close()
+        self._store = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._core is None:
+            return "Endpoint(closed)"
+        return f"Endpoint(rank={self.rank}, world_size={self.world_size}, transports={self.transports})"

@@ -1,0 +1,24 @@
+"""``lamina-net info``: build options, usable transports and LAMINA_NET_* settings."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settings", action="store_true", help="also list every LAMINA_NET_* setting")
+
+
+def run(args) -> int:
+    from . import __version__, _core
+
+    ok, why = _core.verbs_available()
+    print(f"lamina-net {__version__}")
+    print(f"  built with verbs: {_core.HAVE_VERBS}   built with CUDA: {_core.HAVE_CUDA}")
+    print(f"  transports: tcp, shm{', verbs' if ok else ''}")
+    if not ok:
+        print(f"  verbs unavailable: {why}")
+    if args.settings:
+        print("\nsetting                         default     current     description")
+        for name, default, current, desc in _core.settings():
+            print(f"  LAMINA_NET_{name:<20} {default!s:<11} {current!s:<11} {desc}")
+    return 0

@@ -1,0 +1,235 @@
+"""Key-value stores for bootstrap.
+
+lamina-net ranks find each other through a key-value store. Three kinds work:
+
+* a ``torch.distributed`` Store (``TCPStore``, ``FileStore``, ...), passed as is;
+* :class:`StoreServer` / :class:`StoreClient`: a small standalone TCP store
+  that needs no torch (``"host:port"``: rank 0 hosts it, the others connect);
+* anything with ``set(key, bytes)`` and ``get(key, timeout_s) -> bytes``.
+
+This module is pure Python and imports nothing else from lamina_net, so
+independent peers (e.g. interoperability tests) can load it by path.
+"""
+from __future__ import annotations
+
+import socket
+import socketserver
+import struct
+import threading
+import time
+from typing import Optional
+
+_OP_SET = 1
+_OP_GET = 2  # waits until the key exists or the timeout passes
+_OP_ADD = 3
+
+_STATUS_OK = 0
+_STATUS_TIMEOUT = 1
+_STATUS_BAD = 2
+
+_MAX_FIELD = 64 << 20  # refuses absurd lengths from a broken or hostile client
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise ConnectionError("store connection closed")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _send_fields(sock: socket.socket, *fields: bytes) -> None:
+    sock.sendall(b"".join(struct.pack("<I", len(f)) + f for f in fields))
+
+
+def _recv_field(sock: socket.socket) -> bytes:
+    (n,) = struct.unpack("<I", _recv_exact(sock, 4))
+    if n > _MAX_FIELD:
+        raise ConnectionError(f"store field of {n} bytes refused")
+    return _recv_exact(sock, n)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server: _Server = self.server  # type: ignore[assignment]
+        sock = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                op = _recv_exact(sock, 1)[0]
+                key = _recv_field(sock).decode()
+                arg = _recv_field(sock)
+                if op == _OP_SET:
+                    with server.cond:
+                        server.data[key] = arg
+                        server.cond.notify_all()
+                    _send_fields(sock, bytes([_STATUS_OK]))
+                elif op == _OP_GET:
+                    (timeout,) = struct.unpack("<d", arg)
+                    deadline = time.monotonic() + max(0.0, timeout)
+                    with server.cond:
+                        while key not in server.data:
+                            left = deadline - time.monotonic()
+                            if left <= 0 or server.stopping:
+                                break
+                            server.cond.wait(min(left, 0.5))
+                        value = server.data.get(key)
+                    if value is None:
+                        _send_fields(sock, bytes([_STATUS_TIMEOUT]))
+                    else:
+                        _send_fields(sock, bytes([_STATUS_OK]), value)
+                elif op == _OP_ADD:
+                    (delta,) = struct.unpack("<q", arg)
+                    with server.cond:
+                        value = int(server.data.get(key, b"0")) + delta
+                        server.data[key] = str(value).encode()
+                        server.cond.notify_all()
+                    _send_fields(sock, bytes([_STATUS_OK]), str(value).encode())
+                else:
+                    _send_fields(sock, bytes([_STATUS_BAD]))
+                    return
+        except (ConnectionError, OSError, struct.error, UnicodeDecodeError):
+            return
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr):
+        self.data: dict[str, bytes] = {}
+        self.cond = threading.Condition()
+        self.stopping = False
+        super().__init__(addr, _Handler)
+
+
+class StoreServer:
+    """A standalone store server on ``host:port`` (port 0 picks a free one)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self._server = _Server((host, port))
+        self.host, self.port = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="lamina-net-store", daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def close(self) -> None:
+        """Stops serving. Idempotent."""
+        if self._thread is None:
+            return
+        with self._server.cond:
+            self._server.stopping = True
+            self._server.cond.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class StoreClient:
+    """Client of :class:`StoreServer`. Thread-safe; reconnects are not attempted."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float = 60.0):
+        deadline = time.monotonic() + connect_timeout
+        last: Optional[Exception] = None
+        while True:
+            try:
+                self._sock = socket.create_connection((host, port), timeout=min(5.0, connect_timeout))
+                break
+            except OSError as e:  # the server may not be up yet
+                last = e
+                if time.monotonic() >= deadline:
+                    raise builtins_timeout(f"could not reach the store at {host}:{port}: {last}") from e
+                time.sleep(0.05)
+        self._sock.settimeout(None)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._lock = threading.Lock()
+        self.address = f"{host}:{port}"
+
+    def _call(self, op: int, key: str, arg: bytes) -> list:
+        with self._lock:
+            if self._sock is None:
+                raise ConnectionError("store client is closed")
+            self._sock.sendall(bytes([op]))
+            _send_fields(self._sock, key.encode(), arg)
+            status = _recv_field(self._sock)[0]
+            if status == _STATUS_TIMEOUT:
+                return [None]
+            if status != _STATUS_OK:
+                raise ConnectionError(f"store refused the request for {key!r}")
+            return [_recv_field(self._sock)] if op != _OP_SET else [b""]
+
+    def set(self, key: str, value: bytes) -> None:
+        if isinstance(value, str):
+            value = value.encode()
+        self._call(_OP_SET, key, bytes(value))
+
+    def get(self, key: str, timeout: float = 300.0) -> bytes:
+        """Returns the value of ``key``, waiting up to ``timeout`` seconds for it."""
+        (value,) = self._call(_OP_GET, key, struct.pack("<d", float(timeout)))
+        if value is None:
+            raise builtins_timeout(f"store key {key!r} did not appear within {timeout:.3g} s")
+        return value
+
+    def add(self, key: str, delta: int) -> int:
+        (value,) = self._call(_OP_ADD, key, struct.pack("<q", int(delta)))
+        return int(value)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def builtins_timeout(message: str) -> Exception:
+    import builtins
+
+    return builtins.TimeoutError(message)
+
+
+class TorchStoreAdapter:
+    """Adapts a ``torch.distributed.Store`` to ``set(key, bytes)`` / ``get(key, timeout)``."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def set(self, key: str, value: bytes) -> None:
+        self.store.set(key, value)
+
+    def get(self, key: str, timeout: float = 300.0) -> bytes:
+        import datetime
+
+        try:
+            self.store.wait([key], datetime.timedelta(seconds=max(timeout, 0.001)))
+        except RuntimeError as e:  # torch reports a wait timeout as RuntimeError/DistStoreError
+            if "timeout" in str(e).lower() or "timed out" in str(e).lower():
+                raise builtins_timeout(f"store key {key!r} did not appear within {timeout:.3g} s") from e
+            raise
+        return bytes(self.store.get(key))
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"store address must be 'host:port', got {address!r}")
+    return host.strip("[]"), int(port)
