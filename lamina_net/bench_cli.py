@@ -95,9 +95,10 @@ def run_rank(rank: int, world_size: int, store: str, transport: str, op: str, si
         records = []
         for size in sizes:
             n = _iterations_for(size, iterations)
+            base = rsig.read_u64(0)  # before the barrier: the peer may put right after it
             ep.barrier(f"size-{size}")
             times = ep._live().pingpong(ch._live(), op, size, n, warmup, rank == 0, timeout,
-                                        rbuf._live(), rsig._live(), remote_buf._desc, remote_sig._desc)
+                                        rbuf._live(), rsig._live(), remote_buf._desc, remote_sig._desc, base)
             if rank == 0:
                 times.sort()
                 records.append({

@@ -14,6 +14,7 @@ See ``docs/python-api.md`` for a tour. Contracts (from the C++ headers):
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import threading
 from typing import Any, Optional, Union
@@ -85,7 +86,9 @@ def _store_for(store: Any, rank: int, world_size: int, timeout: float):
             try:
                 server = StoreServer(host, port)
             except OSError as e:
-                raise TransportError(f"rank 0 could not host the store on {store}: {e}") from e
+                # A store already listening there (started by the user) is used as is.
+                if e.errno != errno.EADDRINUSE:
+                    raise TransportError(f"rank 0 could not host the store on {store}: {e}") from e
         try:
             client = StoreClient(host, port, connect_timeout=timeout)
         except builtins_timeout_type() as e:
@@ -379,6 +382,7 @@ class Channel:
 
     def recv(self, out, timeout: Optional[float] = None) -> int:
         """Blocks until the next message arrives in ``out``; returns its size in bytes."""
+        _check_timeout(timeout)  # before posting: a bad argument must not leave a receive behind
         return self.irecv(out).wait(timeout)
 
     def flush(self, timeout: Optional[float] = None) -> None:
@@ -432,6 +436,10 @@ class Endpoint:
         if isinstance(rank, bool) or not isinstance(rank, int) or isinstance(world_size, bool) or \
                 not isinstance(world_size, int):
             raise UsageError("rank and world_size must be ints")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UsageError(f"rank {rank} is outside [0, world_size={world_size})")
+        if not isinstance(group, str) or not group or "/" in group:
+            raise UsageError("group must be a non-empty string without '/'")
         if timeout is None:
             timeout = float(os.environ.get("LAMINA_NET_TIMEOUT", "60"))
         timeout = _check_timeout(timeout)
@@ -442,6 +450,7 @@ class Endpoint:
             if t not in TRANSPORTS:
                 raise UsageError(f"unknown transport {t!r} (expected one of {', '.join(TRANSPORTS)})")
         self.timeout = timeout
+        self._group = group
         self._store, self._server = _store_for(store, rank, world_size, timeout)
         store_address = store if isinstance(store, str) else getattr(self._store, "address", None)
         try:
@@ -516,10 +525,7 @@ class Endpoint:
     def _key(self, rank: int, name: str) -> str:
         if not isinstance(name, str) or not name:
             raise UsageError("region name must be a non-empty string")
-        return f"ln/{self._group_name()}/regions/{rank}/{name}"
-
-    def _group_name(self) -> str:
-        return getattr(self, "_group", None) or "g"
+        return f"ln/{self._group}/regions/{rank}/{name}"
 
     # ---- channels
     def channel(self, peer: int, transport: str = "auto", *, tag: int = 0,
@@ -548,10 +554,10 @@ class Endpoint:
     def barrier(self, name: str = "barrier", timeout: Optional[float] = None) -> None:
         """Waits until every rank reached a barrier of this name (through the store)."""
         t = self.timeout if timeout is None else _check_timeout(timeout)
-        self._store.set(f"ln/{self._group_name()}/barrier/{name}/{self.rank}", b"1")
+        self._store.set(f"ln/{self._group}/barrier/{name}/{self.rank}", b"1")
         for r in range(self.world_size):
             try:
-                self._store.get(f"ln/{self._group_name()}/barrier/{name}/{r}", t)
+                self._store.get(f"ln/{self._group}/barrier/{name}/{r}", t)
             except builtins_timeout_type() as e:
                 raise TimeoutError(f"barrier {name!r}: rank {r} did not arrive within {t:.3g} s") from e
 

@@ -133,7 +133,9 @@ OpRef Channel::send(const void* data, uint64_t len, double timeout_s) {
 }
 
 OpRef Channel::recv(void* buffer, uint64_t capacity) {
-  check_open();
+  // Messages that arrived before the peer closed stay receivable, so only a
+  // local close is checked here; the transport fails the op when none is left.
+  if (closed_.load()) throw_usage("channel to rank " + std::to_string(peer_) + " is closed");
   if (capacity > 0 && buffer == nullptr) throw_usage("recv: null buffer");
   auto op = std::make_shared<OpState>();
   connection_->post_recv(buffer, capacity, op);

@@ -167,7 +167,14 @@ bool Endpoint::wait_until(Done done, Deadline deadline, const std::vector<Connec
       cpu_relax();
       continue;
     }
+    if (drive.size() == 1) {
+      // One connection: sleep in its kernel object (socket / ring futex) and
+      // keep driving it ourselves - one wake-up per message, no hand-off.
+      drive[0]->wait_inbound(deadline.remaining_ms(2));
+      continue;
+    }
     uint32_t seen = event_seq_.load(std::memory_order_acquire);
+    for (Connection* c : drive) c->stop_driving();
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     if (!done()) futex_wait(reinterpret_cast<const uint32_t*>(&event_seq_), seen, deadline.remaining_ms(10), false);
     sleepers_.fetch_sub(1, std::memory_order_relaxed);

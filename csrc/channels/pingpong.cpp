@@ -13,8 +13,7 @@ std::vector<double> run_pingpong(Endpoint& endpoint, Channel& channel, const Pin
   std::vector<double> times;
   times.reserve(static_cast<size_t>(config.iterations));
   const int total = config.warmup + config.iterations;
-  auto* word = reinterpret_cast<uint64_t*>(signal.base);
-  const uint64_t base = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+  const uint64_t base = config.signal_base;
   RemoteWord sig{remote_signal, 0, 1};
   const bool use_put = config.op == "put";
 

@@ -15,6 +15,10 @@ struct PingPongConfig {
   int warmup = 100;
   bool initiator = true;   // rank that starts each round
   double timeout_s = 30;
+  // Value of the local signal word before the peer's first put of this run.
+  // Read it before synchronizing with the peer: the peer's first put may
+  // arrive before this rank enters run_pingpong.
+  uint64_t signal_base = 0;
 };
 
 // Regions: `buffer` (>= size bytes) receives the peer's payload; `signal`

@@ -250,7 +250,7 @@ PYBIND11_MODULE(_core, m) {
       .def("pingpong",
            [](Endpoint& ep, Channel& ch, const std::string& op, uint64_t size, int iterations, int warmup,
               bool initiator, double timeout, Region& buffer, Region& signal, const RegionDescriptor& remote_buffer,
-              const RegionDescriptor& remote_signal) {
+              const RegionDescriptor& remote_signal, uint64_t signal_base) {
              PingPongConfig c;
              c.op = op;
              c.size = size;
@@ -258,6 +258,7 @@ PYBIND11_MODULE(_core, m) {
              c.warmup = warmup;
              c.initiator = initiator;
              c.timeout_s = timeout;
+             c.signal_base = signal_base;
              py::gil_scoped_release release;
              return run_pingpong(ep, ch, c, buffer, signal, remote_buffer, remote_signal);
            })

@@ -598,12 +598,24 @@ bool StreamConnection::progress() {
   return did;
 }
 
+void StreamConnection::wait_inbound(int timeout_ms) {
+  if (failed_.load(std::memory_order_acquire)) return;
+  stream_->wait_readable(timeout_ms);
+}
+
+void StreamConnection::stop_driving() {
+  last_external_progress_ns_.store(0, std::memory_order_relaxed);
+  idle_wake_.fetch_add(1, std::memory_order_release);
+  futex_wake_all(reinterpret_cast<const uint32_t*>(&idle_wake_), false);
+}
+
 void StreamConnection::progress_thread_main() {
   t_is_progress_thread = true;
   while (!closing_.load(std::memory_order_acquire) && !failed_.load(std::memory_order_acquire)) {
     // A thread that waits on this connection is driving it: stay out of its way.
+    uint32_t seen = idle_wake_.load(std::memory_order_acquire);
     if (now_ns() - last_external_progress_ns_.load(std::memory_order_relaxed) < kExternalDriverWindowNs) {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      futex_wait(reinterpret_cast<const uint32_t*>(&idle_wake_), seen, 1, false);
       continue;
     }
     if (progress()) continue;

@@ -67,6 +67,8 @@ class StreamConnection : public Connection {
   void post_recv(void* buffer, uint64_t capacity, const OpRef& done) override;
   void post_flush(const OpRef& done, Deadline deadline) override;
   bool progress() override;
+  void stop_driving() override;
+  void wait_inbound(int timeout_ms) override;
   void close() override;
   bool failed(std::string* why) const override;
 
@@ -153,6 +155,7 @@ class StreamConnection : public Connection {
   std::atomic<bool> failed_{false};
   std::atomic<bool> closing_{false};
   std::atomic<uint64_t> last_external_progress_ns_{0};
+  std::atomic<uint32_t> idle_wake_{0};  // wakes the progress thread when a driver stops
   std::thread progress_thread_;
 };
 

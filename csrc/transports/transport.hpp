@@ -31,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "common/clock.hpp"
 #include "common/error.hpp"
@@ -138,7 +139,19 @@ class Connection {
   virtual void post_flush(const OpRef& done, Deadline deadline) = 0;
 
   // Non-blocking: drive inbound and outbound work. Returns true if it did any.
+  // A thread calling it in a loop is "driving" the connection; transports may
+  // idle their own progress thread meanwhile.
   virtual bool progress() = 0;
+  // The driving thread stops calling progress() (it is about to sleep): the
+  // transport's own progress must take over now.
+  virtual void stop_driving() {}
+  // Blocks up to timeout_ms until inbound data may be available (or the
+  // connection is woken/closed). Lets a thread that waits on this connection
+  // alone sleep in the kernel object instead of handing off to another thread.
+  // The default polls: it sleeps briefly and returns.
+  virtual void wait_inbound(int timeout_ms) {
+    if (timeout_ms > 0) std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
   // Idempotent. Pending operations fail with "connection closed".
   virtual void close() = 0;
   // True once the connection failed or closed; *why gets the first reason.

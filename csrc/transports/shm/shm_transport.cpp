@@ -48,7 +48,7 @@ struct alignas(64) RingControl {
   std::atomic<uint64_t> tail;  // bytes ever consumed (reader-owned)
   char pad1[56];
   std::atomic<uint32_t> data_seq;         // bumped to wake a sleeping reader
-  std::atomic<uint32_t> reader_sleeping;
+  std::atomic<uint32_t> reader_sleeping;  // count of threads asleep on data_seq
   std::atomic<uint32_t> space_seq;        // bumped to wake a sleeping writer
   std::atomic<uint32_t> writer_sleeping;
   std::atomic<uint32_t> writer_closed;
@@ -160,21 +160,21 @@ class ShmStream : public ByteStream {
 
   void wait_readable(int timeout_ms) override {
     uint32_t seq = rx_->data_seq.load(std::memory_order_acquire);
-    rx_->reader_sleeping.store(1, std::memory_order_relaxed);
+    rx_->reader_sleeping.fetch_add(1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     bool ready = rx_->head.load(std::memory_order_acquire) != rx_->tail.load(std::memory_order_relaxed) ||
                  rx_->writer_closed.load(std::memory_order_acquire);
     if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&rx_->data_seq), seq, timeout_ms, true);
-    rx_->reader_sleeping.store(0, std::memory_order_relaxed);
+    rx_->reader_sleeping.fetch_sub(1, std::memory_order_relaxed);
   }
 
   void wait_writable(int timeout_ms) override {
     uint32_t seq = tx_->space_seq.load(std::memory_order_acquire);
-    tx_->writer_sleeping.store(1, std::memory_order_relaxed);
+    tx_->writer_sleeping.fetch_add(1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     bool ready = tx_->head.load(std::memory_order_relaxed) - tx_->tail.load(std::memory_order_acquire) < capacity_;
     if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&tx_->space_seq), seq, timeout_ms, true);
-    tx_->writer_sleeping.store(0, std::memory_order_relaxed);
+    tx_->writer_sleeping.fetch_sub(1, std::memory_order_relaxed);
   }
 
   void wake() override {

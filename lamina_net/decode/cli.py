@@ -1,0 +1,277 @@
+"""``lamina-net decode``: run a causal LM with attention offloaded to attention workers.
+
+By default everything runs on this machine: a small random-weight model built
+from a config, a model worker in this process and ``--attention-workers``
+worker processes, connected by lamina-net. Under torchrun (RANK/WORLD_SIZE set)
+or with ``--rank/--world-size/--store`` every process runs this command; rank 0
+is the model worker, the others are attention workers.
+
+Only argparse is imported at module level (the CLI imports every subcommand to
+build its parser); torch and transformers are imported in :func:`run`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # == models.FAMILIES (kept here: no torch import)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model (default: a small random-weight model built from a config)")
+    model.add_argument("--config", metavar="PATH", help="Hugging Face config.json (random weights)")
+    model.add_argument("--model", metavar="PATH", help="local checkpoint directory (weights loaded, no download)")
+    model.add_argument("--family", choices=FAMILIES, default="llama", help="built-in config family (default llama)")
+    model.add_argument("--hidden-size", type=int, default=256)
+    model.add_argument("--layers", type=int, default=4)
+    model.add_argument("--heads", type=int, default=8, help="query heads")
+    model.add_argument("--kv-heads", type=int, default=2, help="KV heads (== --heads for MHA)")
+    model.add_argument("--vocab-size", type=int, default=1024)
+    model.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+
+    run = parser.add_argument_group("workload")
+    run.add_argument("--batch", type=int, default=8, help="requests decoded together")
+    run.add_argument("--prompt-len", type=int, default=32, help="prompt length (the longest, with --ragged)")
+    run.add_argument("--ragged", action="store_true",
+                     help="random prompt lengths in [prompt-len/2, prompt-len], left-padded")
+    run.add_argument("--new-tokens", type=int, default=32)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--check", action="store_true",
+                     help="compare with the monolithic model's greedy generate; exit 1 on any difference")
+
+    pipe = parser.add_argument_group("pipeline")
+    pipe.add_argument("--attention-workers", type=int, default=2, metavar="N", help="attention worker processes")
+    pipe.add_argument("--micro-batches", type=int, default=2, metavar="n",
+                      help="micro-batches in flight (rotational staggered pipelining); 1 = plain disaggregation")
+    pipe.add_argument("--transport", default="auto", choices=("auto", "tcp", "shm", "verbs", "loopback"),
+                      help="lamina-net transport; loopback = attention in this process, no network")
+    pipe.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (model and attention workers)")
+    pipe.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent worker is an error")
+    pipe.add_argument("--worker-threads", type=int, default=1, help="torch threads per local attention worker")
+    pipe.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
+
+    dist = parser.add_argument_group("multi-host (default: torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")
+    dist.add_argument("--rank", type=int, default=None)
+    dist.add_argument("--world-size", type=int, default=None)
+    dist.add_argument("--store", default=None, help="HOST:PORT of the lamina-net store (rank 0 hosts it)")
+    dist.add_argument("--group", default="lamina-decode")
+    dist.add_argument("--inject-fault-after", type=int, default=None, metavar="K",
+                      help="(testing) attention worker 0 kills itself after K layer messages")
+
+
+class UsageProblem(Exception):
+    """Bad flags: reported without a traceback, exit status 2."""
+
+
+def _validate(args) -> None:
+    positive = {"--batch": args.batch, "--prompt-len": args.prompt_len, "--new-tokens": args.new_tokens,
+                "--attention-workers": args.attention_workers, "--micro-batches": args.micro_batches,
+                "--layers": args.layers, "--heads": args.heads, "--kv-heads": args.kv_heads,
+                "--hidden-size": args.hidden_size, "--worker-threads": args.worker_threads}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UsageProblem(f"{flag} must be >= 1, got {value}")
+    if args.timeout <= 0:
+        raise UsageProblem("--timeout must be > 0")
+    if args.micro_batches > args.batch:
+        raise UsageProblem(f"--micro-batches {args.micro_batches} needs --batch >= {args.micro_batches} "
+                           f"(each micro-batch holds at least one request)")
+    if args.config and args.model:
+        raise UsageProblem("give --config or --model, not both")
+
+
+def _distributed_role(args) -> tuple[int, int] | None:
+    """(rank, world size) when this is one process of a multi-process launch, else None."""
+    rank = args.rank if args.rank is not None else os.environ.get("RANK")
+    world = args.world_size if args.world_size is not None else os.environ.get("WORLD_SIZE")
+    if rank is None or world is None or int(world) <= 1:
+        return None
+    return int(rank), int(world)
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{int(os.environ['LOCAL_RANK']) % max(torch.cuda.device_count(), 1)}"  # one GPU per local rank
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageProblem(f"--device {name}: CUDA is not available")
+    return device
+
+
+def build_model(args, device):
+    """The model the run uses: a checkpoint, a config file, or a built-in small config (random weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import random_model, tiny_config
+
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager", local_files_only=True)
+        return model.to(device=device, dtype=dtype).eval()
+    if args.config:
+        config = AutoConfig.from_pretrained(args.config, local_files_only=True)
+    else:
+        config = tiny_config(args.family, args.hidden_size, args.layers, args.heads, args.kv_heads, args.vocab_size)
+    return random_model(config, args.seed, dtype, device)
+
+
+def run(args) -> int:
+    try:
+        _validate(args)
+        return _run(args)
+    except UsageProblem as problem:
+        print(f"lamina-net decode: error: {problem}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import torch
+
+    from .converter import ConversionError, model_geometry
+    from .link import PipelineError
+    from .model_worker import pad_token_id
+    from .models import random_prompts, reference_generate
+    from .partition import HeadSplitError, partition_heads
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = _resolve_device(args.device)
+    role = _distributed_role(args)
+    if role is not None and role[0] != 0:
+        from .attention_worker import run_attention_worker
+
+        rank, world = role
+        return run_attention_worker(rank, world, args.store, args.group, args.transport, str(device), args.timeout,
+                                    idle_timeout=max(600.0, args.timeout))
+    if role is not None:
+        args.attention_workers = role[1] - 1
+
+    try:
+        model = build_model(args, device)
+        geometry = model_geometry(model)
+        partition = partition_heads(geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim,
+                                    args.attention_workers)
+    except (HeadSplitError, ConversionError, ValueError, OSError) as problem:
+        raise UsageProblem(str(problem)) from problem
+    input_ids, attention_mask = random_prompts(args.batch, args.prompt_len, model.config.vocab_size, args.ragged,
+                                               args.seed + 1, pad_token_id(model))
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+
+    reference = reference_seconds = None
+    if args.check:
+        reference_generate(model, input_ids, attention_mask, 1)  # warm-up, so the timing below is fair
+        started = time.perf_counter()
+        reference = reference_generate(model, input_ids, attention_mask, args.new_tokens)
+        reference_seconds = time.perf_counter() - started
+    try:
+        if role is None:
+            from .pipeline import run_local_pipeline
+
+            result = run_local_pipeline(
+                model, input_ids, attention_mask, args.new_tokens, args.attention_workers, args.micro_batches,
+                args.transport, str(device), args.timeout, args.worker_threads,
+                crash_worker=0 if args.inject_fault_after is not None else None,
+                crash_after_messages=args.inject_fault_after)
+        else:
+            result = _run_distributed_model_worker(args, model, input_ids, attention_mask, role[1])
+    except (ConversionError, HeadSplitError) as problem:
+        raise UsageProblem(str(problem)) from problem
+    except PipelineError as failure:
+        print(f"lamina-net decode: pipeline failed: {failure}", file=sys.stderr)
+        return 1
+
+    mismatches = None
+    if reference is not None:
+        width = max(reference.shape[1], result.tokens.shape[1])
+        mismatches = int((_pad_to(reference, width) != _pad_to(result.tokens, width)).sum())
+    monolithic_rate = reference.numel() / reference_seconds if reference is not None else None
+    _report(args, geometry, partition, device, result, mismatches, monolithic_rate)
+    return 1 if mismatches else 0
+
+
+def _pad_to(tokens, width: int):
+    import torch
+
+    if tokens.shape[1] == width:
+        return tokens.cpu()
+    return torch.nn.functional.pad(tokens.cpu(), (0, width - tokens.shape[1]), value=-1)
+
+
+def _run_distributed_model_worker(args, model, input_ids, attention_mask, world_size: int):
+    import lamina_net
+
+    from .link import ChannelLink, PipelineError
+    from .model_worker import ModelWorker
+    from .pipeline import PipelineResult
+
+    try:
+        with lamina_net.Endpoint(0, world_size, store=args.store, group=args.group, timeout=args.timeout) as endpoint:
+            links = [ChannelLink(endpoint.channel(rank, transport=args.transport),
+                                 f"attention worker {rank - 1} (rank {rank})", args.timeout)
+                     for rank in range(1, world_size)]
+            worker = ModelWorker(model, links, args.micro_batches, args.timeout)
+            try:
+                tokens = worker.generate(input_ids, attention_mask, args.new_tokens)
+                return PipelineResult(tokens, worker.last_stats, worker.worker_stats(), links[0].channel.transport)
+            finally:
+                worker.close()
+    except (lamina_net.LaminaError, TimeoutError) as failure:
+        raise PipelineError(f"{type(failure).__name__}: {failure}") from failure
+
+
+def _report(args, geometry, partition, device, result, mismatches, monolithic_rate) -> None:
+    stats = result.stats
+    attention_per_layer = max((w.decode_attention_per_layer for w in result.workers), default=0.0)
+    measured = stats.bytes_per_token_per_layer
+    formula = geometry.paper_formula_bytes()
+    summary = {
+        "model": geometry.model_type, "hidden_size": geometry.hidden_size, "layers": geometry.num_layers,
+        "q_heads": geometry.num_q_heads, "kv_heads": geometry.num_kv_heads, "group_size": geometry.group_size,
+        "dtype": str(geometry.dtype).replace("torch.", ""), "device": str(device),
+        "attention_workers": partition.num_workers, "micro_batches": stats.micro_batches,
+        "transport": result.transport, "batch": stats.batch, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "tokens_per_second": stats.tokens_per_second, "decode_tokens_per_second": stats.decode_tokens_per_second,
+        "prefill_seconds": stats.prefill_seconds, "wall_seconds": stats.wall_seconds,
+        "round_trip_per_layer_s": stats.round_trip_per_layer, "wait_per_layer_s": stats.wait_per_layer,
+        "attention_per_layer_s": attention_per_layer,
+        "bytes_per_token_per_layer": measured, "formula_bytes_per_token_per_layer": formula,
+        "monolithic_tokens_per_second": monolithic_rate,
+        "check": None if mismatches is None else ("identical" if mismatches == 0 else f"{mismatches} tokens differ"),
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return
+    us = 1e6
+    print(f"lamina-net decode: {geometry.model_type}, hidden {geometry.hidden_size}, {geometry.num_layers} layers, "
+          f"{geometry.num_q_heads} q / {geometry.num_kv_heads} kv heads (G={geometry.group_size}), "
+          f"{summary['dtype']} on {device}")
+    print(f"  attention workers: {partition.num_workers} over {result.transport} ({partition.describe()})")
+    print(f"  micro-batches in flight: {stats.micro_batches}; batch {stats.batch} x prompt {args.prompt_len}"
+          f"{' (ragged, left-padded)' if args.ragged else ''} -> {args.new_tokens} new tokens")
+    print(f"  tokens/s: {stats.tokens_per_second:.1f} overall, {stats.decode_tokens_per_second:.1f} in decode "
+          f"(prefill {stats.prefill_seconds * 1e3:.1f} ms, wall {stats.wall_seconds * 1e3:.1f} ms)")
+    if stats.micro_batches == 1:
+        comm = max(stats.round_trip_per_layer - attention_per_layer, 0.0)
+        print(f"  per layer (decode): round trip {stats.round_trip_per_layer * us:.0f} us = attention "
+              f"{attention_per_layer * us:.0f} us + communication ~{comm * us:.0f} us")
+    else:
+        # With n > 1 the round trip also spans the other micro-batches' compute, so it is
+        # not split; the blocked time is what the pipelining failed to hide.
+        print(f"  per layer (decode): attention {attention_per_layer * us:.0f} us on the workers; round trip "
+              f"{stats.round_trip_per_layer * us:.0f} us (spans the other micro-batches' compute); "
+              f"model worker blocked {stats.wait_per_layer * us:.0f} us")
+    print(f"  bytes per token per layer: {measured:.0f} measured (q, k, v out + output back) vs "
+          f"(2 + 2/G) * e * d = (2 + 2/{geometry.group_size}) * {geometry.element_size} * {geometry.hidden_size} "
+          f"= {formula:.0f}; plus a 64-byte header per message")
+    if mismatches is not None:
+        verdict = "identical to" if mismatches == 0 else f"{mismatches} tokens DIFFER from"
+        print(f"  check: generated tokens {verdict} the monolithic model's greedy generate "
+              f"(which ran at {monolithic_rate:.1f} tokens/s in this process)")

@@ -1,0 +1,183 @@
+"""Local launcher: a model worker in this process, attention workers as child processes.
+
+The children are plain ``python -m lamina_net.decode.attention_worker``
+subprocesses (not multiprocessing: a spawned child re-imports the parent's main
+module, and ``python -m lamina_net`` would then rerun the CLI). They
+rendezvous with this process, rank 0, through a ``"127.0.0.1:PORT"`` store on a
+free port.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from .link import ChannelLink, Link, LoopbackLink, PipelineError
+from .model_worker import DecodeStats, ModelWorker, WorkerStats
+from .protocol import Kind
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (rank 0's store binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class PipelineResult:
+    tokens: torch.Tensor  # [batch, new tokens]
+    stats: DecodeStats
+    workers: list[WorkerStats] = field(default_factory=list)
+    transport: str = ""
+
+
+class LocalCluster:
+    """``count`` attention-worker subprocesses (ranks 1..count) and this process as rank 0.
+
+    ``links[i]`` leads to attention worker ``i``. The workers serve any number
+    of :meth:`ModelWorker.generate` calls (each starts with a SETUP) until
+    :meth:`close`, which stops them.
+    """
+
+    def __init__(self, count: int, transport: str = "auto", device: str = "cpu", timeout: float | None = 30.0,
+                 threads_per_worker: int = 1, idle_timeout: float | None = None,
+                 crash_worker: int | None = None, crash_after_messages: int | None = None):
+        import lamina_net
+
+        self.count, self.timeout = count, timeout
+        self.processes: list[subprocess.Popen] = []
+        self.endpoint = None
+        self.links: list[Link] = []
+        store = f"127.0.0.1:{free_port()}"
+        group = f"lamina-decode-{uuid.uuid4().hex[:8]}"
+        env = dict(os.environ, LAMINA_DECODE_WORKER_THREADS=str(threads_per_worker))
+        # The children must import this very lamina_net, wherever it was loaded from.
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        idle_timeout = idle_timeout if idle_timeout is not None else max(600.0, timeout or 0.0)
+        try:
+            for rank in range(1, count + 1):
+                command = [sys.executable, "-m", "lamina_net.decode.attention_worker", "--rank", str(rank),
+                           "--world-size", str(count + 1), "--store", store, "--group", group,
+                           "--transport", transport, "--device", device, "--idle-timeout", str(idle_timeout)]
+                if timeout is not None:
+                    command += ["--timeout", str(timeout)]
+                if crash_worker == rank - 1 and crash_after_messages is not None:
+                    command += ["--crash-after-messages", str(crash_after_messages)]
+                self.processes.append(subprocess.Popen(command, env=env))
+            self.endpoint = lamina_net.Endpoint(0, count + 1, store=store, group=group, timeout=timeout)
+            for rank in range(1, count + 1):
+                channel = self.endpoint.channel(rank, transport=transport)
+                self.links.append(ChannelLink(channel, f"attention worker {rank - 1} (rank {rank})", timeout))
+            self.transport = self.links[0].channel.transport if self.links else transport
+        except BaseException as failure:
+            self.close(grace=0.5)
+            if isinstance(failure, (lamina_net.LaminaError, TimeoutError)):
+                raise self.explain(failure) from failure
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def describe_exits(self) -> str:
+        """Which workers have exited abnormally, and how."""
+        notes = []
+        for index, process in enumerate(self.processes):
+            code = process.poll()
+            if code:
+                how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                notes.append(f"attention worker {index} (rank {index + 1}, pid {process.pid}) {how}")
+        return "; ".join(notes)
+
+    def explain(self, failure: BaseException) -> PipelineError:
+        """``failure`` as a :class:`PipelineError` that also says which local workers died."""
+        deadline = time.monotonic() + 0.5  # a killed child may need a moment to be reaped
+        exits = self.describe_exits()
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+            exits = self.describe_exits()
+        message = str(failure) if isinstance(failure, PipelineError) else f"{type(failure).__name__}: {failure}"
+        return PipelineError(message + (f" [{exits}]" if exits else ""))
+
+    def close(self, grace: float = 5.0) -> None:
+        """Close the links and the endpoint; wait for the workers, killing those that linger."""
+        for link in self.links:
+            link.close()
+        if self.endpoint is not None:
+            try:
+                self.endpoint.close()
+            except Exception:  # closing after a failure must not hide it
+                pass
+            self.endpoint = None
+        deadline = time.monotonic() + grace
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.stop_workers()
+        self.close(grace=5.0 if exc_type is None else 0.5)
+
+    def stop_workers(self) -> None:
+        """Ask every worker to exit (best effort)."""
+        stop = torch.zeros(8, dtype=torch.int64)
+        stop[0] = Kind.STOP
+        for link in self.links:
+            try:
+                link.send(stop, self.timeout)
+            except PipelineError:
+                pass
+
+
+def run_local_pipeline(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int,
+                       attention_workers: int = 2, micro_batches: int = 1, transport: str = "auto",
+                       worker_device: str = "cpu", timeout: float | None = 30.0, threads_per_worker: int = 1,
+                       crash_worker: int | None = None, crash_after_messages: int | None = None) -> PipelineResult:
+    """Generate ``new_tokens`` greedily with attention on ``attention_workers`` local processes.
+
+    ``transport="loopback"`` serves the attention shards in this process
+    instead (no lamina-net). ``crash_worker``/``crash_after_messages`` inject
+    a fault: that worker SIGKILLs itself after so many layer messages.
+    Raises :class:`~.link.PipelineError` when a worker fails or times out.
+    """
+    if transport == "loopback":
+        from .attention_shard import AttentionServer
+
+        links = [LoopbackLink(AttentionServer(worker_device), f"loopback attention worker {i}")
+                 for i in range(attention_workers)]
+        worker = ModelWorker(model, links, micro_batches, timeout)
+        tokens = worker.generate(input_ids, attention_mask, new_tokens)
+        return PipelineResult(tokens, worker.last_stats, worker.worker_stats(), "loopback")
+
+    # Validate before starting processes, so that bad input fails fast.
+    from .converter import check_convertible
+    from .partition import partition_heads
+
+    geometry = check_convertible(model)
+    partition_heads(geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim, attention_workers)
+    if micro_batches > input_ids.shape[0]:
+        raise ValueError(f"{micro_batches} micro-batches need a batch of at least {micro_batches} requests")
+
+    with LocalCluster(attention_workers, transport, worker_device, timeout, threads_per_worker,
+                      crash_worker=crash_worker, crash_after_messages=crash_after_messages) as cluster:
+        worker = ModelWorker(model, cluster.links, micro_batches, timeout)
+        try:
+            tokens = worker.generate(input_ids, attention_mask, new_tokens)
+            return PipelineResult(tokens, worker.last_stats, worker.worker_stats(), cluster.transport)
+        except PipelineError as failure:
+            raise cluster.explain(failure) from failure

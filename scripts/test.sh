@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's test command: sets up a fresh machine (scripts/setup.sh) and
+# runs the whole suite.
+#   tier 0 (here): unit, tcp/shm multi-process, hostile peers, planner, decode pipeline
+#   tier 1 (Soft-RoCE guest): the verbs transport for real, pyverbs interop
+# LAMINA_NET_SKIP_VERBS=1 skips tier 1 (it needs qemu; about 5 minutes under TCG).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+
+status=0
+.venv/bin/python -m pytest tests --ignore=tests/verbs "$@" || status=$?
+
+if [ "${LAMINA_NET_SKIP_VERBS:-0}" != 1 ]; then
+  if [ -f scripts/softroce/test.sh ]; then
+    bash scripts/softroce/test.sh || status=$?
+  else
+    echo "verbs tier: scripts/softroce/test.sh missing" >&2
+    status=1
+  fi
+fi
+exit $status

@@ -1,0 +1,264 @@
+"""Rank bodies for the multi-process tests (importable by spawned children)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+
+import lamina_net as ln
+
+
+def _pair(rank, world, store, transport, group, timeout=20.0):
+    ep = ln.Endpoint(rank, world, store, group=group, timeout=timeout)
+    return ep
+
+
+def every_op(rank, world, store, transport):
+    """put, put+signal, iput, atomic add, send/recv, flush, both directions."""
+    peer = 1 - rank
+    with ln.Endpoint(rank, world, store, group="every-op", timeout=20) as ep:
+        buf = np.zeros(1 << 16, np.uint8)
+        sig = np.zeros(4, np.uint64)
+        rbuf, rsig = ep.register(buf, ln.Access.REMOTE_WRITE), ep.register(sig, ln.Access.REMOTE_ATOMIC)
+        ep.publish("buf", rbuf)
+        ep.publish("sig", rsig)
+        ch = ep.channel(peer, transport)
+        assert ch.transport == transport
+        pbuf, psig = ep.lookup(peer, "buf"), ep.lookup(peer, "sig")
+        payload = (np.arange(1000, dtype=np.uint32) * (rank + 3)).view(np.uint8)
+        ch.put(payload, pbuf, 100, signal=psig, signal_offset=0, signal_add=1)
+        rsig.wait(0, 1, timeout=10, channel=ch)
+        expected = (np.arange(1000, dtype=np.uint32) * (peer + 3)).view(np.uint8)
+        assert np.array_equal(buf[100:4100], expected)
+        h = ch.iput(payload[:16], pbuf, 8000)
+        h.wait(10)
+        assert h.done
+        old = ch.atomic_add(psig, 8, 7)
+        old2 = ch.atomic_add(psig, 8, 5)
+        assert old2 == old + 7
+        ch.send(np.array([rank, 42], np.int64))
+        out = np.zeros(2, np.int64)
+        n = ch.recv(out, timeout=10)
+        assert n == 16 and out.tolist() == [peer, 42]
+        ch.flush(timeout=10)
+        ep.barrier("after")
+        assert sig[1] == 12  # the peer added 7 and 5 here
+        assert np.array_equal(buf[8000:8016], expected[:16])
+        return int(sig[0])
+
+
+def sizes_checksums(rank, world, store, transport, sizes, seed):
+    """Puts of many sizes at random offsets; the target checks a checksum per put."""
+    rng = np.random.default_rng(seed)
+    peer = 1 - rank
+    max_size = max(sizes)
+    with ln.Endpoint(rank, world, store, group="sizes", timeout=60) as ep:
+        region_bytes = max_size + 4096
+        target = np.zeros(region_bytes, np.uint8)
+        sig = np.zeros(1, np.uint64)
+        rt, rs = ep.register(target), ep.register(sig)
+        ep.publish("t", rt)
+        ep.publish("s", rs)
+        ch = ep.channel(peer, transport)
+        pt, ps = ep.lookup(peer, "t"), ep.lookup(peer, "s")
+        plan = [(size, int(rng.integers(0, region_bytes - size + 1))) for size in sizes]
+        if rank == 0:
+            src = np.empty(max_size, np.uint8)
+            digests = []
+            for i, (size, offset) in enumerate(plan):
+                src[:size] = rng.integers(0, 256, size, dtype=np.uint8)
+                digests.append(hashlib.sha256(src[:size].tobytes()).hexdigest())
+                ch.put(src, pt, offset, nbytes=size, signal=ps)
+                rs.wait(0, i + 1, timeout=60, channel=ch)  # the peer checked it
+            ch.send(np.frombuffer("".join(digests).encode(), np.uint8))
+            return len(plan)
+        else:
+            seen = []
+            for i, (size, offset) in enumerate(plan):
+                rs.wait(0, i + 1, timeout=60, channel=ch)
+                seen.append(hashlib.sha256(target[offset:offset + size].tobytes()).hexdigest())
+                ch.put(np.zeros(0, np.uint8), pt, 0, signal=ps)  # "checked": a signal with no data
+            expected = np.zeros(64 * len(plan), np.uint8)
+            ch.recv(expected, timeout=60)
+            assert expected.tobytes().decode() == "".join(seen), "payload checksum mismatch"
+            return len(plan)
+
+
+def many_messages(rank, world, store, transport, count):
+    """Interleaved send/recv and puts; nothing lost, duplicated or reordered."""
+    peer = 1 - rank
+    rng = np.random.default_rng(rank)
+    with ln.Endpoint(rank, world, store, group="many", timeout=60) as ep:
+        ring = np.zeros(count, np.uint64)
+        sig = np.zeros(1, np.uint64)
+        rr, rs = ep.register(ring), ep.register(sig)
+        ep.publish("ring", rr)
+        ep.publish("sig", rs)
+        ch = ep.channel(peer, transport)
+        pring, psig = ep.lookup(peer, "ring"), ep.lookup(peer, "sig")
+        if rank == 0:
+            for i in range(count):
+                n = int(rng.integers(1, 300))
+                msg = np.empty(n + 2, np.uint32)
+                msg[0], msg[1] = i, n
+                msg[2:] = np.arange(n, dtype=np.uint32) ^ i
+                ch.send(msg)
+                ch.put(np.array([i + 1], np.uint64), pring, 8 * i, signal=psig)
+            ch.flush()
+            ep.barrier("done")
+            return count
+        else:
+            buf = np.empty(400, np.uint32)
+            for i in range(count):
+                nbytes = ch.recv(buf, timeout=30)
+                seq, n = int(buf[0]), int(buf[1])
+                assert seq == i, f"message {i} arrived as {seq}"
+                assert nbytes == 4 * (n + 2)
+                assert np.array_equal(buf[2:2 + n], np.arange(n, dtype=np.uint32) ^ i), f"message {i} corrupted"
+            rs.wait(0, count, timeout=30)
+            assert np.array_equal(ring, np.arange(1, count + 1, dtype=np.uint64))
+            ep.barrier("done")
+            return count
+
+
+def timeouts(rank, world, store, transport):
+    """Every blocking call is bounded and names what it waited for."""
+    peer = 1 - rank
+    with ln.Endpoint(rank, world, store, group="timeouts", timeout=20) as ep:
+        sig = np.zeros(1, np.uint64)
+        rs = ep.register(sig)
+        ch = ep.channel(peer, transport)
+        t0 = time.monotonic()
+        errors = []
+        try:
+            ch.recv(np.zeros(8, np.uint8), timeout=0.3)
+        except ln.TimeoutError as e:
+            errors.append(str(e))
+        try:
+            rs.wait(0, 5, timeout=0.3, channel=ch)
+        except ln.TimeoutError as e:
+            errors.append(str(e))
+        try:
+            ep.lookup(peer, "never-published", timeout=0.3)
+        except ln.TimeoutError as e:
+            errors.append(str(e))
+        elapsed = time.monotonic() - t0
+        ep.barrier("end")
+        return errors, elapsed
+
+
+def peer_death(rank, world, store, transport, mode):
+    """Rank 1 dies (os._exit) mid-stream; rank 0's operations fail within a bound."""
+    peer = 1 - rank
+    ep = ln.Endpoint(rank, world, store, group="death", timeout=30)
+    big = np.zeros(8 << 20, np.uint8)
+    sig = np.zeros(1, np.uint64)
+    rb, rs = ep.register(big), ep.register(sig)
+    ep.publish("b", rb)
+    ep.publish("s", rs)
+    ch = ep.channel(peer, transport)
+    pb, ps = ep.lookup(peer, "b"), ep.lookup(peer, "s")
+    ep.barrier("ready")
+    if rank == 1:
+        ch.send(np.zeros(4, np.uint8))
+        time.sleep(0.2)
+        os._exit(17)  # no close, no goodbye
+    t0 = time.monotonic()
+    outcome = "none"
+    try:
+        ch.recv(np.zeros(4, np.uint8), timeout=10)
+        if mode == "wait":
+            rs.wait(0, 1, timeout=20, channel=ch)
+        elif mode == "recv":
+            ch.recv(np.zeros(4, np.uint8), timeout=20)
+        elif mode == "put":
+            for _ in range(200):
+                ch.put(big, pb, 0, signal=ps, timeout=20)
+                time.sleep(0.01)
+        outcome = "no error"
+    except ln.TransportError as e:
+        outcome = f"TransportError: {e}"
+    except ln.TimeoutError as e:
+        outcome = f"TimeoutError: {e}"
+    elapsed = time.monotonic() - t0
+    # Sticky: a later operation fails fast with a TransportError.
+    later = "none"
+    try:
+        ch.send(np.zeros(1, np.uint8), timeout=5)
+    except ln.TransportError as e:
+        later = str(e)
+    ep.close()
+    return outcome, elapsed, later
+
+
+def bad_inputs(rank, world, store, transport):
+    """User mistakes raise UsageError and write nothing."""
+    peer = 1 - rank
+    results = {}
+    with ln.Endpoint(rank, world, store, group="bad", timeout=20) as ep:
+        buf = np.zeros(256, np.uint8)
+        ro = np.zeros(64, np.uint8)
+        sig = np.zeros(2, np.uint64)
+        rb = ep.register(buf, ln.Access.REMOTE_WRITE)
+        rro = ep.register(ro, ln.Access.LOCAL)
+        rs = ep.register(sig, ln.Access.REMOTE_ATOMIC)
+        for name, region in (("b", rb), ("ro", rro), ("s", rs)):
+            ep.publish(name, region)
+        ch = ep.channel(peer, transport)
+        pb, pro, ps = ep.lookup(peer, "b"), ep.lookup(peer, "ro"), ep.lookup(peer, "s")
+
+        def expect(name, fn, exc=ln.UsageError):
+            try:
+                fn()
+                results[name] = "no error"
+            except exc as e:
+                results[name] = "ok: " + str(e)
+            except Exception as e:  # wrong type is a failure
+                results[name] = f"wrong type {type(e).__name__}: {e}"
+
+        data = np.arange(64, dtype=np.uint8)
+        expect("out of range", lambda: ch.put(data, pb, 250))
+        expect("huge offset", lambda: ch.put(data, pb, 2 ** 63))
+        expect("negative offset", lambda: ch.put(data, pb, -1))
+        expect("src slice", lambda: ch.put(data, pb, 0, src_offset=60, nbytes=10))
+        expect("no write right", lambda: ch.put(data, pro, 0))
+        expect("signal no atomic right", lambda: ch.put(data, pb, 0, signal=pb))
+        expect("signal misaligned", lambda: ch.put(data, pb, 0, signal=ps, signal_offset=4))
+        expect("atomic misaligned", lambda: ch.atomic_add(ps, 3, 1))
+        expect("atomic out of range", lambda: ch.atomic_add(ps, 16, 1))
+        expect("own descriptor", lambda: ch.put(data, rb.descriptor(), 0))
+        expect("local region as target", lambda: ch.put(data, rb, 0))
+        expect("non-contiguous", lambda: ch.send(np.zeros((8, 8), np.uint8)[:, ::2]))
+        expect("object dtype", lambda: ch.send(np.array([object()])))
+        expect("not an array", lambda: ch.send(12345))
+        expect("readonly recv", lambda: ch.irecv(np.frombuffer(b"abcd", np.uint8)))
+        expect("bad timeout", lambda: ch.recv(np.zeros(4, np.uint8), timeout=-1))
+        expect("bad transport", lambda: ep.channel(peer, "carrier-pigeon"))
+        expect("self channel", lambda: ep.channel(rank, "tcp"))
+        expect("peer out of range", lambda: ep.channel(5, "tcp"))
+        expect("bad descriptor bytes", lambda: ln.RemoteRegion.from_bytes(b"\x00" * 80))
+        expect("short descriptor", lambda: ln.RemoteRegion.from_bytes(b"abc"))
+        # A message bigger than the posted buffer fails that recv only.
+        ep.barrier("before-big")
+        ch.send(np.zeros(32, np.uint8))
+        expect("recv too small", lambda: ch.recv(np.zeros(4, np.uint8), timeout=10))
+        ep.barrier("mid")
+        ch.send(np.full(4, 9, np.uint8))
+        small = np.zeros(4, np.uint8)
+        n = ch.recv(small, timeout=10)
+        results["channel still works"] = "ok" if n == 4 and small.tolist() == [9] * 4 else f"bad {small}"
+        ep.barrier("after")
+        # Closed objects.
+        rclosed = ep.register(np.zeros(8, np.uint64))
+        rclosed.close()
+        rclosed.close()  # idempotent
+        expect("closed region wait", lambda: rclosed.wait(0, 1, timeout=0.1))
+        ch.close()
+        ch.close()
+        expect("closed channel", lambda: ch.send(data))
+        results["nothing written"] = "ok" if not buf[64:].any() and not ro.any() and sig[1] == 0 else "written!"
+    ep.close()
+    expect("closed endpoint", lambda: ep.register(np.zeros(8)))
+    return results

@@ -1,0 +1,127 @@
+"""Decode pipeline over real lamina-net channels: a model worker in this process and
+attention workers as local subprocesses (tcp and shm). Token-for-token equality with the
+monolithic model, measured bytes on the wire, worker failures, and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+lamina_net = pytest.importorskip("lamina_net")
+
+from test_decode import CONFIGS, NEW_TOKENS, ragged_prompts, reference_tokens, tiny_model  # noqa: E402
+
+from lamina_net.decode.link import PipelineError  # noqa: E402
+from lamina_net.decode.model_worker import ModelWorker  # noqa: E402
+from lamina_net.decode.pipeline import LocalCluster, run_local_pipeline  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module", params=["tcp", "shm"])
+def cluster(request):
+    """Two attention workers, reused by every equality test of one transport."""
+    with LocalCluster(2, transport=request.param, timeout=TIMEOUT) as workers:
+        yield workers
+
+
+# (config, attention workers, micro-batches): MHA and GQA, an uneven head split,
+# a sliding window, Qwen2/Qwen3, 1 and 2 workers, n = 1, 2 and 3.
+CASES = [
+    ("llama-mha", 1, 1),
+    ("llama-mha", 2, 2),
+    ("llama-gqa", 2, 1),
+    ("llama-gqa", 1, 3),
+    ("llama-3kv", 2, 2),
+    ("mistral-window", 2, 2),
+    ("qwen2", 2, 1),
+    ("qwen3", 1, 2),
+]
+
+
+@pytest.mark.parametrize("name, workers, micro_batches", CASES, ids=[f"{c}-w{w}-n{n}" for c, w, n in CASES])
+def test_matches_monolithic_generate_over_lamina_net(cluster, name, workers, micro_batches):
+    assert name in CONFIGS
+    model_worker = ModelWorker(tiny_model(name), cluster.links[:workers], micro_batches, TIMEOUT)
+    tokens = model_worker.generate(*ragged_prompts(), max_new_tokens=NEW_TOKENS)
+    assert torch.equal(tokens, reference_tokens(name))
+
+    stats = model_worker.last_stats
+    geometry = model_worker.geometry
+    assert stats.bytes_per_token_per_layer == geometry.wire_bytes_per_token_per_layer()
+    # Each decode step sends one message per layer, micro-batch and worker.
+    steps = tokens.shape[1] - 1
+    assert stats.decode_layer_calls == steps * geometry.num_layers * micro_batches
+    reports = model_worker.worker_stats()
+    assert all(r.decode_layer_messages >= stats.decode_layer_calls for r in reports)
+
+
+def test_paper_formula_on_the_wire(cluster):
+    """Llama-GQA (G = 4): (2 + 2/G) * e * d = 2.5 * 4 * 64 = 640 bytes per token per layer."""
+    model_worker = ModelWorker(tiny_model("llama-gqa"), cluster.links, 2, TIMEOUT)
+    model_worker.generate(*ragged_prompts(), max_new_tokens=4)
+    assert model_worker.last_stats.bytes_per_token_per_layer == 640 == model_worker.geometry.paper_formula_bytes()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_dead_attention_worker_fails_the_pipeline_quickly_and_clearly(transport):
+    input_ids, attention_mask = ragged_prompts()
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as failure:
+        # Worker 1 SIGKILLs itself after 7 layer messages: in the middle of decoding.
+        run_local_pipeline(tiny_model("llama-gqa"), input_ids, attention_mask, 20, attention_workers=2,
+                           micro_batches=2, transport=transport, timeout=TIMEOUT, crash_worker=1,
+                           crash_after_messages=7)
+    elapsed = time.monotonic() - started
+    message = str(failure.value)
+    assert "attention worker 1 (rank 2)" in message
+    assert "killed by signal 9" in message
+    assert elapsed < TIMEOUT / 2, f"took {elapsed:.1f} s to notice a dead worker"
+
+
+def test_hung_attention_worker_times_out_within_the_timeout():
+    timeout = 3.0
+    with LocalCluster(2, transport="tcp", timeout=timeout) as workers:
+        model_worker = ModelWorker(tiny_model("llama-gqa"), workers.links, 1, timeout)
+        model_worker.generate(*ragged_prompts(), max_new_tokens=2)  # both workers up and serving
+        os.kill(workers.pids[0], signal.SIGSTOP)  # alive but silent
+        started = time.monotonic()
+        try:
+            with pytest.raises(PipelineError, match=r"attention worker 0 \(rank 1\) timed out"):
+                model_worker.generate(*ragged_prompts(), max_new_tokens=2)
+            assert time.monotonic() - started < timeout + 5
+        finally:
+            os.kill(workers.pids[0], signal.SIGKILL)
+
+
+def _cli(*flags, timeout=240):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    return subprocess.run([sys.executable, "-m", "lamina_net", "decode", "--hidden-size", "64", "--layers", "2",
+                           "--heads", "4", "--kv-heads", "2", "--vocab-size", "256", "--batch", "3",
+                           "--prompt-len", "8", "--new-tokens", "8", *flags],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def test_cli_check_passes_and_reports_measurements():
+    done = _cli("--check", "--ragged", "--family", "qwen2", "--micro-batches", "2", "--attention-workers", "2",
+                "--transport", "tcp", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["check"] == "identical"
+    assert report["transport"] == "tcp"
+    assert report["bytes_per_token_per_layer"] == report["formula_bytes_per_token_per_layer"] == 768
+    assert report["tokens_per_second"] > 0 and report["attention_per_layer_s"] > 0
+
+
+def test_cli_reports_a_dead_worker_and_exits_nonzero():
+    done = _cli("--transport", "shm", "--inject-fault-after", "5", "--timeout", "10")
+    assert done.returncode == 1
+    assert "pipeline failed: attention worker 0 (rank 1)" in done.stderr

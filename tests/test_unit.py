@@ -1,0 +1,184 @@
+"""Single-process tests: errors, arrays, store, descriptors, endpoint lifecycle, CLI."""
+import array
+import builtins
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import lamina_net as ln
+from lamina_net import _core
+from lamina_net._arrays import as_buffer
+
+
+def test_import_does_not_import_torch():
+    code = "import sys, lamina_net; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_error_hierarchy():
+    assert issubclass(ln.UsageError, ValueError) and issubclass(ln.UsageError, ln.LaminaError)
+    assert issubclass(ln.TimeoutError, builtins.TimeoutError) and issubclass(ln.TimeoutError, ln.LaminaError)
+    assert issubclass(ln.TransportError, ln.LaminaError)
+
+
+def test_as_buffer_is_zero_copy_for_every_kind():
+    a = np.arange(16, dtype=np.float32)
+    assert as_buffer(a).ptr == a.ctypes.data and as_buffer(a).nbytes == 64
+    ba = bytearray(b"hello")
+    buf = as_buffer(ba, writable=True)
+    assert buf.nbytes == 5
+    assert as_buffer(array.array("i", [1, 2, 3])).nbytes == 12
+    assert as_buffer(memoryview(b"abc")).readonly
+    with pytest.raises(ln.UsageError):
+        as_buffer(b"abc", writable=True)
+    with pytest.raises(ln.UsageError, match="contiguous"):
+        as_buffer(np.zeros((4, 4))[:, 1])
+    with pytest.raises(ln.UsageError, match="object"):
+        as_buffer(np.array([None, 1]))
+    with pytest.raises(ln.UsageError, match="not an array"):
+        as_buffer(3.5)
+
+
+def test_as_buffer_torch_and_dlpack():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(10, dtype=torch.int64)
+    b = as_buffer(t)
+    assert b.ptr == t.data_ptr() and b.nbytes == 80 and not b.cuda
+    with pytest.raises(ln.UsageError, match="contiguous"):
+        as_buffer(torch.zeros(4, 4).t())
+    with pytest.raises(ln.UsageError, match="not supported"):
+        as_buffer(torch.zeros(4, device="meta"))
+
+    class DLPackOnly:  # only the DLPack protocol, no buffer protocol
+        def __init__(self, arr):
+            self.arr = arr
+
+        def __dlpack__(self, **kw):
+            return self.arr.__dlpack__(**kw)
+
+        def __dlpack_device__(self):
+            return self.arr.__dlpack_device__()
+
+    src = np.arange(6, dtype=np.int16)
+    assert as_buffer(DLPackOnly(src)).ptr == src.ctypes.data
+
+
+def test_descriptor_roundtrip_and_validation():
+    with ln.StoreServer() as server, ln.Endpoint(0, 1, server.address, group="unit", timeout=5,
+                                                 transports=("tcp",)) as ep:
+        buf = np.zeros(100, np.uint8)
+        region = ep.register(buf, ln.Access.REMOTE_WRITE)
+        d = region.descriptor()
+        blob = d.to_bytes()
+        assert len(blob) == _core.DESCRIPTOR_BYTES == 80
+        d2 = ln.RemoteRegion.from_bytes(blob)
+        assert d2.rank == 0 and d2.nbytes == 100 and d2.access & ln.Access.REMOTE_WRITE
+        assert d2.to_bytes() == blob
+        for bad in (blob[:-1], b"\0" * 80, blob[:4] + b"\x09\x00" + blob[6:]):
+            with pytest.raises(ln.UsageError):
+                ln.RemoteRegion.from_bytes(bad)
+        with pytest.raises(ln.UsageError):
+            ep.register(np.zeros(0))
+        with pytest.raises(ln.UsageError):
+            ep.register(np.zeros(4), access=1 << 10)
+        with pytest.raises(ln.UsageError):
+            ep.register(np.frombuffer(b"readonly", np.uint8), ln.Access.REMOTE_WRITE)
+        assert region.read_u64(0) == 0
+        with pytest.raises(ln.UsageError):
+            region.read_u64(97)
+
+
+def test_endpoint_lifecycle_is_idempotent_and_typed():
+    with ln.StoreServer() as server:
+        ep = ln.Endpoint(0, 1, server.address, group="life", timeout=5, transports=("tcp", "shm"))
+        assert set(ep.transports) >= {"tcp", "shm"}
+        r = ep.register(np.zeros(8))
+        ep.close()
+        ep.close()
+        assert r.closed
+        with pytest.raises(ln.UsageError):
+            ep.register(np.zeros(8))
+        with pytest.raises(ln.UsageError):
+            ep.rank
+    with pytest.raises(ln.UsageError):
+        ln.Endpoint(3, 2, "127.0.0.1:1")
+    with pytest.raises(ln.UsageError):
+        ln.Endpoint(0, 1, "no-port-here")
+    with pytest.raises(ln.UsageError):
+        ln.Endpoint(0, 1, object())
+    with pytest.raises(ln.UsageError):
+        ln.Endpoint(0, 1, "127.0.0.1:1", transports=("ipoac",))
+
+
+def test_endpoint_needs_its_peers_store_within_timeout():
+    t0 = time.monotonic()
+    with pytest.raises(ln.TimeoutError):
+        ln.Endpoint(1, 2, "127.0.0.1:9", timeout=0.5)  # nobody hosts a store there
+    assert time.monotonic() - t0 < 5
+
+
+def test_store_set_get_add_and_timeout():
+    with ln.StoreServer() as server:
+        a = ln.StoreClient(server.host, server.port)
+        b = ln.StoreClient(server.host, server.port)
+        got = []
+        t = threading.Thread(target=lambda: got.append(b.get("k", 5)))
+        t.start()
+        time.sleep(0.05)
+        a.set("k", b"value")
+        t.join(5)
+        assert got == [b"value"]
+        assert a.add("n", 2) == 2 and b.add("n", 3) == 5
+        with pytest.raises(builtins.TimeoutError):
+            a.get("missing", 0.2)
+        a.close()
+        a.close()
+
+
+def test_torch_store_is_accepted():
+    torch = pytest.importorskip("torch")
+    import datetime
+    import tempfile
+
+    from torch.distributed import FileStore
+
+    with tempfile.NamedTemporaryFile() as f:
+        store = FileStore(f.name, 1)
+        store.set_timeout(datetime.timedelta(seconds=5))
+        with ln.Endpoint(0, 1, store, group="torchstore", timeout=5) as ep:
+            region = ep.register(np.zeros(4))
+            ep.publish("r", region)
+            assert ep.lookup(0, "r").nbytes == 32
+            with pytest.raises(ln.TimeoutError):
+                ep.lookup(0, "absent", timeout=0.3)
+
+
+def test_settings_registry_lists_every_tunable():
+    names = {s[0] for s in _core.settings()}
+    assert {"TIMEOUT", "SPIN_US", "SHM_RING_BYTES", "TCP_BUFFER", "IB_DEVICE"} <= names
+
+
+def test_cli_info_and_bench_json(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lamina_net", "info", "--settings"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "transports: tcp, shm" in out and "LAMINA_NET_TIMEOUT" in out
+    path = tmp_path / "lat.json"
+    proc = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--transport", "tcp,shm",
+                           "--sizes", "8,4096", "--iterations", "50", "--warmup", "5", "--json", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(path.read_text())
+    assert {(r["transport"], r["size_bytes"]) for r in records} == {("tcp", 8), ("tcp", 4096), ("shm", 8),
+                                                                    ("shm", 4096)}
+    for r in records:
+        assert {"transport", "op", "size_bytes", "iterations", "p50_us", "p99_us"} <= set(r)
+        assert r["iterations"] == 50 and 0 < r["p50_us"] <= r["p99_us"]
+        assert r["ratio_vs_ref"] > 0  # the C reference ran side by side
+    bad = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--sizes", "abc"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "sizes" in bad.stderr
