@@ -84,10 +84,9 @@ def run_rank(rank: int, world_size: int, store: str, transport: str, op: str, si
     peer = 1 - rank
     max_size = max(sizes)
     with Endpoint(rank, world_size, store, group=group, timeout=timeout) as ep:
-        buf = np.zeros(max(max_size, 64), dtype=np.uint8)
-        sig = np.zeros(8, dtype=np.uint64)
-        rbuf = ep.register(buf, Access.REMOTE_WRITE)
-        rsig = ep.register(sig, Access.REMOTE_ATOMIC)
+        # Shareable memory, as a latency-minded user would allocate it.
+        rbuf = ep.alloc(max(max_size, 64), np.uint8, Access.REMOTE_WRITE)
+        rsig = ep.alloc(1, np.uint64, Access.REMOTE_ATOMIC)
         ep.publish("bench-buf", rbuf)
         ep.publish("bench-sig", rsig)
         ch = ep.channel(peer, transport)

@@ -49,16 +49,24 @@ def every_op(rank, world, store, transport):
         return int(sig[0])
 
 
-def sizes_checksums(rank, world, store, transport, sizes, seed):
-    """Puts of many sizes at random offsets; the target checks a checksum per put."""
+def sizes_checksums(rank, world, store, transport, sizes, seed, shared=False):
+    """Puts of many sizes at random offsets; the target checks a checksum per put.
+
+    shared: the target region comes from Endpoint.alloc (direct-copy path on shm).
+    """
     rng = np.random.default_rng(seed)
     peer = 1 - rank
     max_size = max(sizes)
     with ln.Endpoint(rank, world, store, group="sizes", timeout=60) as ep:
         region_bytes = max_size + 4096
-        target = np.zeros(region_bytes, np.uint8)
+        if shared:
+            rt = ep.alloc(region_bytes)
+            target = rt.array
+        else:
+            target = np.zeros(region_bytes, np.uint8)
+            rt = ep.register(target)
         sig = np.zeros(1, np.uint64)
-        rt, rs = ep.register(target), ep.register(sig)
+        rs = ep.register(sig)
         ep.publish("t", rt)
         ep.publish("s", rs)
         ch = ep.channel(peer, transport)
@@ -262,3 +270,33 @@ def bad_inputs(rank, world, store, transport):
     ep.close()
     expect("closed endpoint", lambda: ep.register(np.zeros(8)))
     return results
+
+
+def ordering_mixed_paths(rank, world, store, transport, rounds):
+    """A small put (ring) then a large put (direct/pull) to the same bytes: the later one wins."""
+    peer = 1 - rank
+    with ln.Endpoint(rank, world, store, group="order", timeout=30) as ep:
+        target = ep.alloc(1 << 16)
+        sig = ep.alloc(1, np.uint64)
+        ep.publish("t", target)
+        ep.publish("s", sig)
+        ch = ep.channel(peer, transport)
+        pt, ps = ep.lookup(peer, "t"), ep.lookup(peer, "s")
+        if rank == 0:
+            small = np.empty(1000, np.uint8)
+            big = np.empty(1 << 16, np.uint8)
+            for i in range(rounds):
+                small.fill(2 * i % 251)
+                big.fill((2 * i + 1) % 251)
+                ch.put(small, pt, 0)
+                ch.put(big, pt, 0, signal=ps)
+                sig.wait(0, i + 1, timeout=30, channel=ch)  # the peer checked this round
+            return rounds
+        bad = 0
+        for i in range(rounds):
+            sig.wait(0, i + 1, timeout=30, channel=ch)
+            if not (target.array == (2 * i + 1) % 251).all():
+                bad += 1
+            ch.put(np.zeros(0, np.uint8), pt, 0, signal=ps)
+        assert bad == 0, f"{bad} rounds saw the earlier small put overwrite the later large one"
+        return rounds

@@ -21,6 +21,18 @@ def test_sizes_1B_to_64MiB_random_offsets(transport, seed):
     assert out == {0: len(sizes), 1: len(sizes)}
 
 
+def test_sizes_into_shared_allocation(transport):
+    """Endpoint.alloc regions: on shm, puts are one memcpy straight into the peer's memory."""
+    sizes = [1, 100, 2047, 2048, 4096, 65536, (1 << 20) + 5, 16 << 20]
+    out = assert_all_ok(run_ranks(_workers.sizes_checksums, args=(transport, sizes, 3, True), timeout=240))
+    assert out == {0: len(sizes), 1: len(sizes)}
+
+
+def test_mixed_paths_keep_issue_order(transport):
+    out = assert_all_ok(run_ranks(_workers.ordering_mixed_paths, args=(transport, 300), timeout=120))
+    assert out == {0: 300, 1: 300}
+
+
 def test_many_messages_no_loss_no_reorder(transport):
     out = assert_all_ok(run_ranks(_workers.many_messages, args=(transport, 3000), timeout=180))
     assert out == {0: 3000, 1: 3000}

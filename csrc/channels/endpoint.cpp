@@ -299,6 +299,8 @@ RegionDescriptor Endpoint::describe(const Region& region) const {
   d.rkey = region.rkey;
   d.owner_pid = static_cast<int32_t>(getpid());
   d.host_id = host_id_;
+  d.shared_fd = region.shared_fd;
+  d.shared_offset = region.shared_offset;
   return d;
 }
 

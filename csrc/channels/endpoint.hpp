@@ -23,6 +23,8 @@
 // - Threads: all methods are thread-safe.
 #pragma once
 
+#include <sched.h>
+
 #include <atomic>
 #include <map>
 #include <memory>
@@ -157,6 +159,7 @@ uint64_t hash_string(const std::string& s);
 template <typename Done>
 bool Endpoint::wait_until(Done done, Deadline deadline, const std::vector<Connection*>& drive) {
   const uint64_t start = now_ns();
+  uint32_t spins = 0;
   for (;;) {
     if (done()) return true;
     if (deadline.expired()) return done();
@@ -164,6 +167,9 @@ bool Endpoint::wait_until(Done done, Deadline deadline, const std::vector<Connec
     for (Connection* c : drive) did |= c->progress();
     if (did) continue;
     if (now_ns() - start < spin_ns_) {
+      // Yield now and then: on an oversubscribed machine the peer we wait for
+      // may need this core.
+      if ((++spins & 63) == 0) sched_yield();
       cpu_relax();
       continue;
     }

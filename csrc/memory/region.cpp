@@ -1,5 +1,8 @@
 #include "memory/region.hpp"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <thread>
 
@@ -37,7 +40,9 @@ enum : size_t {
   kOffRkey = 48,       // u32
   kOffPid = 52,        // i32
   kOffHost = 56,       // u64
-  kOffReserved = 64,   // 16 bytes, zero
+  kOffSharedFd = 64,   // i32 (-1: not shareable)
+  kOffReserved = 68,   // u32, zero
+  kOffSharedOff = 72,  // u64
 };
 
 }  // namespace
@@ -56,6 +61,8 @@ std::string RegionDescriptor::serialize() const {
   put_field<uint32_t>(out, kOffRkey, rkey);
   put_field<int32_t>(out, kOffPid, owner_pid);
   put_field<uint64_t>(out, kOffHost, host_id);
+  put_field<int32_t>(out, kOffSharedFd, shared_fd);
+  put_field<uint64_t>(out, kOffSharedOff, shared_offset);
   return out;
 }
 
@@ -83,6 +90,8 @@ RegionDescriptor RegionDescriptor::deserialize(const std::string& blob) {
   d.rkey = get_field<uint32_t>(blob, kOffRkey);
   d.owner_pid = get_field<int32_t>(blob, kOffPid);
   d.host_id = get_field<uint64_t>(blob, kOffHost);
+  d.shared_fd = get_field<int32_t>(blob, kOffSharedFd);
+  d.shared_offset = get_field<uint64_t>(blob, kOffSharedOff);
   if (d.access & ~static_cast<uint32_t>(kAccessAll)) throw_usage("region descriptor has unknown access bits");
   return d;
 }
@@ -176,6 +185,28 @@ std::vector<std::shared_ptr<Region>> RegionTable::all() const {
 size_t RegionTable::count() const {
   std::shared_lock<std::shared_mutex> lock(mutex_);
   return regions_.size();
+}
+
+SharedAllocation::SharedAllocation(uint64_t size) : size_(size) {
+  if (size == 0) throw_usage("cannot allocate 0 bytes");
+  fd_ = memfd_create("lamina-net-region", MFD_CLOEXEC);
+  if (fd_ < 0) throw_errno("memfd_create", errno);
+  if (ftruncate(fd_, static_cast<off_t>(size)) != 0) {
+    int err = errno;
+    ::close(fd_);
+    throw_errno("ftruncate of a " + std::to_string(size) + "-byte shared allocation", err);
+  }
+  addr_ = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+  if (addr_ == MAP_FAILED) {
+    int err = errno;
+    ::close(fd_);
+    throw_errno("mmap of a shared allocation", err);
+  }
+}
+
+SharedAllocation::~SharedAllocation() {
+  munmap(addr_, size_);
+  ::close(fd_);
 }
 
 std::string access_to_string(uint32_t access) {

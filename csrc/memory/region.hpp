@@ -57,6 +57,10 @@ struct Region {
   uint32_t rkey = 0;      // filled by a transport that needs one (verbs)
   uint32_t lkey = 0;
   std::unique_ptr<TransportRegistration> registrations[kSlotCount];
+  // Set when the memory lies in a SharedAllocation: same-host peers map the
+  // memfd and write with one memcpy.
+  int shared_fd = -1;
+  uint64_t shared_offset = 0;  // of base within the memfd
 
   // Inbound operations pin the region while they write into it.
   std::atomic<int> pins{0};
@@ -81,8 +85,10 @@ struct RegionDescriptor {
   uint32_t access = 0;
   MemoryKind kind = MemoryKind::kHost;
   uint32_t rkey = 0;
-  int32_t owner_pid = 0;     // for same-host single-copy (process_vm_writev)
+  int32_t owner_pid = 0;     // for same-host single-copy (process_vm_readv)
   uint64_t host_id = 0;      // hash of the owner's host identity
+  int32_t shared_fd = -1;    // memfd in the owner's process, or -1
+  uint64_t shared_offset = 0;
 
   std::string serialize() const;
   // Throws kUsage on a malformed blob (wrong size, magic or version).
@@ -119,5 +125,24 @@ class RegionTable {
 };
 
 std::string access_to_string(uint32_t access);
+
+// Host memory that same-host peers can map: a memfd mapped MAP_SHARED.
+// Registering memory inside it lets the shm transport put with one memcpy
+// straight into it (no ring, no kernel copy). Owns the fd and the mapping.
+class SharedAllocation {
+ public:
+  explicit SharedAllocation(uint64_t size);  // throws kSystem / kUsage
+  ~SharedAllocation();
+  SharedAllocation(const SharedAllocation&) = delete;
+  SharedAllocation& operator=(const SharedAllocation&) = delete;
+  void* data() const { return addr_; }
+  uint64_t size() const { return size_; }
+  int fd() const { return fd_; }
+
+ private:
+  int fd_ = -1;
+  void* addr_ = nullptr;
+  uint64_t size_ = 0;
+};
 
 }  // namespace lamina

@@ -120,6 +120,15 @@ PYBIND11_MODULE(_core, m) {
                                __ATOMIC_ACQUIRE);
       });
 
+  py::class_<SharedAllocation, std::shared_ptr<SharedAllocation>>(m, "SharedAllocation", py::buffer_protocol())
+      .def(py::init<uint64_t>())
+      .def_property_readonly("nbytes", &SharedAllocation::size)
+      .def_property_readonly("ptr", [](const SharedAllocation& a) { return reinterpret_cast<uintptr_t>(a.data()); })
+      .def_buffer([](SharedAllocation& a) {
+        return py::buffer_info(a.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(a.size())}, {1});
+      });
+
   py::class_<RegionDescriptor>(m, "Descriptor")
       .def_static("from_bytes", &descriptor_from)
       .def("to_bytes", [](const RegionDescriptor& d) { return py::bytes(d.serialize()); })
@@ -130,6 +139,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("addr", &RegionDescriptor::addr)
       .def_readonly("rkey", &RegionDescriptor::rkey)
       .def_readonly("group_id", &RegionDescriptor::group_id)
+      .def_readonly("shared_fd", &RegionDescriptor::shared_fd)
       .def_property_readonly("is_cuda", [](const RegionDescriptor& d) { return d.kind == MemoryKind::kCuda; });
 
   py::class_<Channel, std::shared_ptr<Channel>>(m, "Channel")
@@ -210,12 +220,22 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("world_size", &Endpoint::world_size)
       .def_property_readonly("closed", &Endpoint::closed)
       .def_property_readonly("default_timeout", &Endpoint::default_timeout)
-      .def("register_memory",
-           [](Endpoint& ep, uintptr_t base, uint64_t size, uint32_t access, bool cuda, int device) {
-             py::gil_scoped_release release;
-             return ep.register_memory(reinterpret_cast<void*>(base), size, access,
-                                       cuda ? MemoryKind::kCuda : MemoryKind::kHost, device);
-           })
+      .def(
+          "register_memory",
+          [](Endpoint& ep, uintptr_t base, uint64_t size, uint32_t access, bool cuda, int device,
+             const SharedAllocation* shared) {
+            py::gil_scoped_release release;
+            auto region = ep.register_memory(reinterpret_cast<void*>(base), size, access,
+                                             cuda ? MemoryKind::kCuda : MemoryKind::kHost, device);
+            auto start = reinterpret_cast<uintptr_t>(shared ? shared->data() : nullptr);
+            if (shared && base >= start && base - start <= shared->size() && size <= shared->size() - (base - start)) {
+              region->shared_fd = shared->fd();
+              region->shared_offset = base - start;
+            }
+            return region;
+          },
+          py::arg("base"), py::arg("size"), py::arg("access"), py::arg("cuda"), py::arg("device"),
+          py::arg("shared").none(true) = nullptr)
       .def("deregister",
            [](Endpoint& ep, uint64_t id, double timeout) {
              py::gil_scoped_release release;

@@ -189,6 +189,10 @@ void StreamConnection::post_put(const LocalSlice& src, const RemoteSlice& dst, c
     h.sig_offset = signal->offset;
     h.sig_add = signal->add;
   }
+  if (src.len >= stream_->direct_put_threshold() && dst.target.shared_fd >= 0 &&
+      try_direct_put(src, dst, signal, done, deadline)) {
+    return;
+  }
   // Large same-host puts: the target copies straight from our memory (one
   // copy), so we must wait for its ack before the source may be reused.
   const bool pull = src.len >= stream_->pull_threshold();
@@ -214,6 +218,43 @@ void StreamConnection::post_put(const LocalSlice& src, const RemoteSlice& dst, c
                "put of " + std::to_string(src.len) + " bytes to " + peer_name(peer_rank_) +
                    ": the target did not copy it in time");
   }
+}
+
+bool StreamConnection::try_direct_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal,
+                                      const OpRef& done, Deadline deadline) {
+  std::lock_guard<std::mutex> lock(tx_mutex_);
+  throw_if_failed();
+  // Ordering: every frame sent before must be applied at the target, or the
+  // direct copy could overtake a queued put to the same bytes. A target that
+  // lags behind more than briefly gets the ring path instead.
+  Deadline catch_up = Deadline::after_seconds(0.002);
+  Backoff backoff(200000);
+  while (stream_->peer_applied() < last_seq_) {
+    if (catch_up.expired() || deadline.expired() || failed_.load()) return false;
+    backoff.pause();
+  }
+  if (!stream_->direct_put(dst.target, dst.offset, src.ptr, src.len)) return false;
+  std::atomic_thread_fence(std::memory_order_release);
+  FrameHeader h;
+  h.type = static_cast<uint8_t>(FrameType::kPut);
+  h.region_id = dst.target.region_id;
+  h.offset = dst.offset;
+  h.length = 0;  // the data is already there; the frame carries signal/ack
+  if (signal) {
+    h.flags |= kFlagSignal;
+    h.sig_region = signal->target.region_id;
+    h.sig_offset = signal->offset;
+    h.sig_add = signal->add;
+  }
+  if (!signal && !done) return true;
+  if (done) h.flags |= kFlagAckRequest;
+  h.seq = next_seq_locked();
+  if (done) {
+    std::lock_guard<std::mutex> plock(pending_mutex_);
+    pending_[h.seq] = PendingOp{Pending::kAck, done};
+  }
+  write_frame_locked(h, nullptr, 0, deadline);
+  return true;
 }
 
 void StreamConnection::post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) {
@@ -464,6 +505,9 @@ void StreamConnection::finish_frame_locked() {
       peer_said_close_ = true;
       break;
   }
+  // Frames that carry the peer's own sequence numbers report progress back
+  // (after they are fully applied: direct puts rely on it for ordering).
+  if (h.type <= static_cast<uint8_t>(FrameType::kFlush)) stream_->note_applied(h.seq);
 }
 
 void StreamConnection::deliver_message_locked(std::vector<char>&& message) {

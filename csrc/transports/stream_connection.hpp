@@ -51,6 +51,17 @@ class ByteStream {
   virtual bool pull_from_peer(void* dst, uint64_t peer_addr, uint64_t len) { return false; }
   // Smallest put that uses a pull instead of streaming the payload.
   virtual uint64_t pull_threshold() const { return UINT64_MAX; }
+  // Direct path (shm): copy `len` bytes straight into the target region when
+  // the peer's memory is mapped here. Returns false when it is not possible.
+  // The caller guarantees ordering (peer_applied() caught up) beforehand.
+  virtual bool direct_put(const RegionDescriptor& target, uint64_t offset, const void* src, uint64_t len) {
+    return false;
+  }
+  virtual uint64_t direct_put_threshold() const { return UINT64_MAX; }
+  // Highest sequence number of our frames that the peer has applied, and the
+  // receiving side's report of the same (direct-put ordering).
+  virtual uint64_t peer_applied() const { return 0; }
+  virtual void note_applied(uint64_t seq) {}
 };
 
 class StreamConnection : public Connection {
@@ -88,6 +99,8 @@ class StreamConnection : public Connection {
   };
 
   // tx
+  bool try_direct_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal, const OpRef& done,
+                      Deadline deadline);
   uint64_t next_seq_locked() { return ++last_seq_; }
   void write_frame_locked(const FrameHeader& header, const void* payload, uint64_t len, Deadline deadline);
   void write_all_locked(struct iovec* iov, int iovcnt, Deadline deadline);

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <map>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -53,6 +54,8 @@ struct alignas(64) RingControl {
   std::atomic<uint32_t> writer_sleeping;
   std::atomic<uint32_t> writer_closed;
   char pad2[44];
+  std::atomic<uint64_t> applied_seq;  // reader: highest writer seq fully applied
+  char pad3[56];
 };
 
 struct SegmentHeader {
@@ -103,6 +106,8 @@ class ShmStream : public ByteStream {
     tx_data_ = mapping_->data() + kHeaderBytes + static_cast<size_t>(side) * capacity_;
     rx_data_ = mapping_->data() + kHeaderBytes + static_cast<size_t>(1 - side) * capacity_;
     pidfd_ = pidfd_open_compat(peer_pid);
+    int64_t direct_min = setting_int("SHM_DIRECT_MIN");
+    direct_min_ = direct_min > 0 ? static_cast<uint64_t>(direct_min) : UINT64_MAX;
     uint64_t seen = 0;
     if (pull_min != UINT64_MAX && pull_from_peer(&seen, peer_probe, sizeof(seen)) && seen == g_probe_word) {
       pull_min_ = pull_min;
@@ -216,6 +221,18 @@ class ShmStream : public ByteStream {
 
   uint64_t pull_threshold() const override { return pull_min_; }
 
+  uint64_t direct_put_threshold() const override { return direct_min_; }
+  uint64_t peer_applied() const override { return tx_->applied_seq.load(std::memory_order_acquire); }
+  void note_applied(uint64_t seq) override { rx_->applied_seq.store(seq, std::memory_order_release); }
+
+  bool direct_put(const RegionDescriptor& target, uint64_t offset, const void* src, uint64_t len) override {
+    if (target.owner_pid != peer_pid_ || target.shared_fd < 0) return false;
+    char* base = peer_mapping(target);
+    if (!base) return false;
+    std::memcpy(base + target.shared_offset + offset, src, len);
+    return true;
+  }
+
  private:
   void copy_out(char* dst, uint64_t pos, size_t n) const {
     size_t at = static_cast<size_t>(pos & (capacity_ - 1));
@@ -230,6 +247,29 @@ class ShmStream : public ByteStream {
     if (first < n) std::memcpy(tx_data_, src + first, n - first);
   }
 
+  // Maps the peer's memfd (through /proc/<pid>/fd) once per region; null if
+  // the kernel refuses (another user, ptrace policy) - then the ring is used.
+  char* peer_mapping(const RegionDescriptor& target) {
+    auto it = peer_maps_.find(target.region_id);
+    if (it != peer_maps_.end()) return it->second ? it->second->data() : nullptr;
+    std::unique_ptr<Mapping> mapping;
+    std::string path = "/proc/" + std::to_string(peer_pid_) + "/fd/" + std::to_string(target.shared_fd);
+    int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    struct stat st;
+    if (fd >= 0 && fstat(fd, &st) == 0 &&
+        static_cast<uint64_t>(st.st_size) >= target.shared_offset + target.size) {
+      void* addr = mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      if (addr != MAP_FAILED) mapping = std::make_unique<Mapping>(addr, static_cast<size_t>(st.st_size));
+    }
+    if (fd >= 0) ::close(fd);
+    if (!mapping) LAMINA_INFO("shm transport: cannot map " + path + "; puts to that region use the ring");
+    char* data = mapping ? mapping->data() : nullptr;
+    peer_maps_[target.region_id] = std::move(mapping);
+    return data;
+  }
+
+  std::map<uint64_t, std::unique_ptr<Mapping>> peer_maps_;  // by peer region id
+  uint64_t direct_min_ = UINT64_MAX;
   std::unique_ptr<Mapping> mapping_;
   SegmentHeader* header_;
   int side_;
