@@ -104,6 +104,16 @@ def _store_for(store: Any, rank: int, world_size: int, timeout: float):
                      "an object with set(key, bytes) and get(key, timeout)")
 
 
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        raise UsageError(f"rank/world_size not given and ${name} is not set")
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"${name}={value!r} is not an integer") from None
+
+
 def _shared_allocation_of(obj) -> "Optional[_core.SharedAllocation]":
     """The SharedAllocation behind a numpy array (made by Endpoint.alloc), if any."""
     while obj is not None:
@@ -431,9 +441,11 @@ class Endpoint:
     standalone store there), an object with ``set``/``get(key, timeout)``, or
     None (``LAMINA_NET_STORE``, or torchrun's ``MASTER_ADDR``/``MASTER_PORT`` + 1).
     ``transports``: which to enable (default all available).
+    ``rank``/``world_size`` default to ``$RANK``/``$WORLD_SIZE`` (torchrun).
     """
 
-    def __init__(self, rank: int, world_size: int, store: Any = None, *, group: str = "default",
+    def __init__(self, rank: Optional[int] = None, world_size: Optional[int] = None, store: Any = None, *,
+                 group: str = "default",
                  timeout: Optional[float] = None, transports=("shm", "tcp", "verbs"), tcp_host: Optional[str] = None,
                  ib_device: str = "", ib_port: int = -1, ib_gid_index: int = -1):
         self._core = None
@@ -442,6 +454,11 @@ class Endpoint:
         self._regions: list = []
         self._channels: dict = {}
         self._lock = threading.Lock()
+        # Under torchrun (or any launcher that sets them), RANK / WORLD_SIZE.
+        if rank is None:
+            rank = _env_int("RANK")
+        if world_size is None:
+            world_size = _env_int("WORLD_SIZE")
         if isinstance(rank, bool) or not isinstance(rank, int) or isinstance(world_size, bool) or \
                 not isinstance(world_size, int):
             raise UsageError("rank and world_size must be ints")

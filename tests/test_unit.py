@@ -182,3 +182,43 @@ def test_cli_info_and_bench_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--sizes", "abc"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "sizes" in bad.stderr
+
+
+def test_cuda_memory_without_cuda_build_is_a_usage_error():
+    class FakeCudaArray:  # what cupy / numba expose
+        __cuda_array_interface__ = {"shape": (16,), "typestr": "<f4", "data": (0x7f0000000000, False),
+                                    "version": 3, "strides": None}
+
+    with ln.StoreServer() as server, ln.Endpoint(0, 1, server.address, group="cuda", timeout=5,
+                                                 transports=("tcp",)) as ep:
+        if _core.HAVE_CUDA:
+            pytest.skip("built with CUDA")
+        with pytest.raises(ln.UsageError, match="CUDA"):
+            ep.register(FakeCudaArray())
+
+
+def test_alloc_gives_a_registered_shared_array():
+    with ln.StoreServer() as server, ln.Endpoint(0, 1, server.address, group="alloc", timeout=5) as ep:
+        region = ep.alloc((4, 8), np.float32)
+        assert region.array.shape == (4, 8) and region.array.dtype == np.float32
+        assert not region.array.any()
+        region.array[:] = 1.5
+        assert region.nbytes == 128 and region.ptr == region.array.ctypes.data
+        assert region.descriptor()._desc.shared_fd >= 0
+        plain = ep.register(np.zeros(4))
+        assert plain.descriptor()._desc.shared_fd == -1
+        with pytest.raises(ln.UsageError):
+            ep.alloc(0)
+        with pytest.raises(ln.UsageError):
+            ep.alloc((2, -1))
+
+
+def test_rank_and_world_size_from_the_environment(monkeypatch):
+    with ln.StoreServer() as server:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        with ln.Endpoint(store=server.address, group="env", timeout=5) as ep:
+            assert (ep.rank, ep.world_size) == (0, 1)
+        monkeypatch.setenv("RANK", "zero")
+        with pytest.raises(ln.UsageError, match="RANK"):
+            ln.Endpoint(store=server.address)

@@ -158,7 +158,7 @@ void run_checks() {
   MemoryStore store;
   Rank a(0), b(1);
   connect_pair(a, b, store, "check/1");
-  std::printf("connected; b words addr %llx rkey %x size %llu access %x; data rkey %x\n", (unsigned long long)descriptor(*b.word_region, 1).addr, b.word_region->rkey, (unsigned long long)b.word_region->size, b.word_region->access, b.data_region->rkey);
+  std::printf("connected\n");
   std::mt19937_64 rng(42);
   const RegionDescriptor b_data = descriptor(*b.data_region, 1);
   const RegionDescriptor b_words = descriptor(*b.word_region, 1);
@@ -359,7 +359,9 @@ void run_backpressure_check() {
     CHECK(e.kind() == ErrorKind::kTimeout);
     std::printf("back-pressure after %d messages: %s\n", sent, e.what());
   }
-  CHECK(sent == 32 + 1024 / 8);  // bounce buffers + unexpected buffer
+  // Bounce buffers + unexpected buffer; credits go back in batches of 8, so
+  // up to 7 may still be unannounced when the receiver's buffer is full.
+  CHECK(sent <= 32 + 1024 / 8 && sent >= 32 + 1024 / 8 - 7);
   CHECK(!a.connection->failed(nullptr));
   for (int i = 0; i < sent; ++i) {
     uint64_t v = 0;
