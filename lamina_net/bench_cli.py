@@ -121,6 +121,9 @@ def run_local_pair(transport: str, op: str, sizes: list[int], iterations: int, w
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     store = f"127.0.0.1:{_free_port()}"
+    # numpy's BLAS threads would spin beside the measured loop.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     group = f"bench-{os.getpid()}-{transport}"
     procs = [ctx.Process(target=_rank_main, args=(queue, r, 2, store, transport, op, sizes, iterations, warmup,
                                                   timeout, group)) for r in range(2)]

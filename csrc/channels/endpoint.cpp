@@ -107,7 +107,8 @@ OpRef Channel::put(const void* src, uint64_t len, const RegionDescriptor& dst, u
   LocalSlice slice;
   slice.ptr = src;
   slice.len = len;
-  auto region = endpoint_->regions().find_containing(src, len);
+  std::shared_ptr<Region> region;
+  if (connection_->needs_source_region()) region = endpoint_->regions().find_containing(src, len);
   slice.region = region.get();
   RemoteSlice remote{dst, dst_offset};
   OpRef op = want_completion ? std::make_shared<OpState>() : nullptr;

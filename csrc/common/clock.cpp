@@ -40,6 +40,14 @@ void futex_wait(const uint32_t* word, uint32_t expected, int timeout_ms, bool sh
   syscall(SYS_futex, word, op, expected, &ts, nullptr, 0);
 }
 
+void futex_wait_us(const uint32_t* word, uint32_t expected, int timeout_us, bool shared) {
+  struct timespec ts;
+  ts.tv_sec = timeout_us / 1000000;
+  ts.tv_nsec = static_cast<long>(timeout_us % 1000000) * 1000L;
+  int op = shared ? FUTEX_WAIT : FUTEX_WAIT_PRIVATE;
+  syscall(SYS_futex, word, op, expected, &ts, nullptr, 0);
+}
+
 void futex_wake_all(const uint32_t* word, bool shared) {
   int op = shared ? FUTEX_WAKE : FUTEX_WAKE_PRIVATE;
   syscall(SYS_futex, word, op, INT32_MAX, nullptr, nullptr, 0);

@@ -65,6 +65,7 @@ class Backoff {
 // Futex helpers on a 32-bit word (process-private or in shared memory).
 // wait returns when *word != expected, on wake, or after timeout_ms.
 void futex_wait(const uint32_t* word, uint32_t expected, int timeout_ms, bool shared);
+void futex_wait_us(const uint32_t* word, uint32_t expected, int timeout_us, bool shared);
 void futex_wake_all(const uint32_t* word, bool shared);
 
 }  // namespace lamina

@@ -124,12 +124,12 @@ void RegionTable::remove(uint64_t id, Deadline deadline) {
     auto it = regions_.find(id);
     if (it == regions_.end()) return;  // idempotent
     region = it->second;
-    region->closed.store(true, std::memory_order_release);
+    region->closed.store(true, std::memory_order_seq_cst);
     regions_.erase(it);
   }
   // New inbound ops can no longer find it; wait for those already writing.
   Backoff backoff;
-  while (region->pins.load(std::memory_order_acquire) != 0) {
+  while (region->pins.load(std::memory_order_seq_cst) != 0) {
     if (deadline.expired()) {
       throw_timeout("deregistering region " + std::to_string(id) + ": inbound operations still write into it");
     }

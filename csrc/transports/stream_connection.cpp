@@ -14,8 +14,8 @@ constexpr size_t kHeaderSize = sizeof(FrameHeader);
 constexpr size_t kStagingBytes = 256 * 1024;
 // Payloads at least this large are read straight into their destination.
 constexpr uint64_t kDirectReadMin = 16 * 1024;
-// The progress thread stays idle while a waiting thread drove progress this recently.
-constexpr uint64_t kExternalDriverWindowNs = 200 * 1000;
+// How long the progress thread stays idle after it saw a waiting thread drive.
+constexpr int kDriverIdleUs = 200;
 
 thread_local bool t_is_progress_thread = false;
 
@@ -345,6 +345,22 @@ bool StreamConnection::fill_staging_locked(bool* eof) {
   return n > 0;
 }
 
+std::shared_ptr<Region> StreamConnection::pin_inbound(std::shared_ptr<Region>& cache, uint64_t id, uint64_t offset,
+                                                      uint64_t len, uint32_t need, std::string* why) {
+  // Fast path: the region the previous frame targeted. Pin first, then check
+  // `closed`: RegionTable::remove sets closed before it waits for pins to drain.
+  Region* r = cache.get();
+  if (r && r->id == id && r->contains(offset, len) && (r->access & need) == need) {
+    r->pins.fetch_add(1, std::memory_order_seq_cst);
+    if (!r->closed.load(std::memory_order_seq_cst)) return cache;
+    RegionTable::unpin(*r);
+    cache.reset();
+  }
+  auto region = regions_->pin_for_inbound(id, offset, len, need, why);
+  if (region) cache = region;
+  return region;
+}
+
 bool StreamConnection::parse_header_locked() {
   FrameHeader h;
   std::memcpy(&h, staging_.data() + staging_begin_, kHeaderSize);
@@ -360,14 +376,14 @@ bool StreamConnection::parse_header_locked() {
   auto pin_signal = [&]() -> bool {
     if (!(h.flags & kFlagSignal)) return true;
     if (h.sig_offset % 8 != 0) return reject("signal offset " + std::to_string(h.sig_offset) + " is not 8-byte aligned");
-    signal_region_ = regions_->pin_for_inbound(h.sig_region, h.sig_offset, 8, kAccessRemoteAtomic, &why);
+    signal_region_ = pin_inbound(cached_signal_region_, h.sig_region, h.sig_offset, 8, kAccessRemoteAtomic, &why);
     if (!signal_region_) return reject("signal target: " + why);
     return true;
   };
   switch (static_cast<FrameType>(h.type)) {
     case FrameType::kPut:
     case FrameType::kPutPull: {
-      payload_region_ = regions_->pin_for_inbound(h.region_id, h.offset, h.length, kAccessRemoteWrite, &why);
+      payload_region_ = pin_inbound(cached_data_region_, h.region_id, h.offset, h.length, kAccessRemoteWrite, &why);
       if (!payload_region_) return reject(why);
       if (!pin_signal()) {
         RegionTable::unpin(*payload_region_);
@@ -380,7 +396,7 @@ bool StreamConnection::parse_header_locked() {
     }
     case FrameType::kAtomicAdd:
       if (h.offset % 8 != 0) return reject("atomic offset " + std::to_string(h.offset) + " is not 8-byte aligned");
-      signal_region_ = regions_->pin_for_inbound(h.region_id, h.offset, 8, kAccessRemoteAtomic, &why);
+      signal_region_ = pin_inbound(cached_signal_region_, h.region_id, h.offset, 8, kAccessRemoteAtomic, &why);
       if (!signal_region_) return reject(why);
       payload_left_ = 0;
       break;
@@ -583,6 +599,9 @@ bool StreamConnection::drain_locked() {
         did = true;
         if (!in_payload_) {
           finish_frame_locked();
+          // Nothing buffered: return to the caller rather than pay for a read
+          // that most likely finds nothing (it calls again anyway).
+          if (staging_begin_ == staging_end_) break;
           continue;
         }
       }
@@ -605,6 +624,7 @@ bool StreamConnection::drain_locked() {
       if (payload_left_ == 0) {
         in_payload_ = false;
         finish_frame_locked();
+        if (staging_begin_ == staging_end_) break;
       }
     }
   } catch (const Error& e) {
@@ -631,7 +651,8 @@ bool StreamConnection::drain_locked() {
 bool StreamConnection::progress() {
   if (failed_.load(std::memory_order_acquire)) return false;
   if (!t_is_progress_thread) {
-    last_external_progress_ns_.store(now_ns(), std::memory_order_relaxed);
+    // Not an RMW: an approximate tick is enough and keeps the spin loop cheap.
+    external_ticks_.store(external_ticks_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   }
   bool did = false;
   if (rx_mutex_.try_lock()) {
@@ -648,18 +669,24 @@ void StreamConnection::wait_inbound(int timeout_ms) {
 }
 
 void StreamConnection::stop_driving() {
-  last_external_progress_ns_.store(0, std::memory_order_relaxed);
+  driver_stopped_.store(true, std::memory_order_release);
   idle_wake_.fetch_add(1, std::memory_order_release);
   futex_wake_all(reinterpret_cast<const uint32_t*>(&idle_wake_), false);
 }
 
 void StreamConnection::progress_thread_main() {
   t_is_progress_thread = true;
+  uint64_t seen_ticks = external_ticks_.load(std::memory_order_relaxed);
   while (!closing_.load(std::memory_order_acquire) && !failed_.load(std::memory_order_acquire)) {
-    // A thread that waits on this connection is driving it: stay out of its way.
+    // A thread that waits on this connection is driving it: stay out of its
+    // way until it stops (it says so) or has not driven for kDriverIdleUs.
     uint32_t seen = idle_wake_.load(std::memory_order_acquire);
-    if (now_ns() - last_external_progress_ns_.load(std::memory_order_relaxed) < kExternalDriverWindowNs) {
-      futex_wait(reinterpret_cast<const uint32_t*>(&idle_wake_), seen, 1, false);
+    uint64_t ticks = external_ticks_.load(std::memory_order_relaxed);
+    if (driver_stopped_.exchange(false, std::memory_order_acq_rel)) {
+      seen_ticks = ticks;
+    } else if (ticks != seen_ticks) {
+      seen_ticks = ticks;
+      futex_wait_us(reinterpret_cast<const uint32_t*>(&idle_wake_), seen, kDriverIdleUs, false);
       continue;
     }
     if (progress()) continue;
@@ -700,6 +727,8 @@ void StreamConnection::close() {
   stream_->wake();
   if (progress_thread_.joinable() && progress_thread_.get_id() != std::this_thread::get_id()) progress_thread_.join();
   std::lock_guard<std::mutex> lock(rx_mutex_);
+  cached_data_region_.reset();
+  cached_signal_region_.reset();
   if (payload_region_) {
     RegionTable::unpin(*payload_region_);
     payload_region_.reset();

@@ -78,6 +78,7 @@ class StreamConnection : public Connection {
   void post_recv(void* buffer, uint64_t capacity, const OpRef& done) override;
   void post_flush(const OpRef& done, Deadline deadline) override;
   bool progress() override;
+  bool needs_source_region() const override { return false; }
   void stop_driving() override;
   void wait_inbound(int timeout_ms) override;
   void close() override;
@@ -111,6 +112,8 @@ class StreamConnection : public Connection {
 
   // rx
   bool drain_locked();  // returns true if anything was processed
+  std::shared_ptr<Region> pin_inbound(std::shared_ptr<Region>& cache, uint64_t id, uint64_t offset, uint64_t len,
+                                      uint32_t need, std::string* why);
   bool parse_header_locked();
   void finish_frame_locked();
   bool fill_staging_locked(bool* eof);
@@ -147,6 +150,8 @@ class StreamConnection : public Connection {
   char* payload_dst_ = nullptr;     // null: discard
   uint64_t payload_left_ = 0;
   std::shared_ptr<Region> payload_region_;  // pinned while writing into it
+  // The regions the last frames targeted (data, signal): most frames hit them.
+  std::shared_ptr<Region> cached_data_region_, cached_signal_region_;
   std::shared_ptr<Region> signal_region_;   // pinned until the signal is applied
   std::vector<char> payload_message_;       // unexpected message being received
   bool payload_to_message_ = false;
@@ -167,7 +172,11 @@ class StreamConnection : public Connection {
   std::string fail_reason_;
   std::atomic<bool> failed_{false};
   std::atomic<bool> closing_{false};
-  std::atomic<uint64_t> last_external_progress_ns_{0};
+  // A thread waiting on this connection drives it (progress() in a loop);
+  // the progress thread then stays idle. external_ticks_ moves while that
+  // happens; driver_stopped_ says the driver went to sleep.
+  std::atomic<uint64_t> external_ticks_{0};
+  std::atomic<bool> driver_stopped_{false};
   std::atomic<uint32_t> idle_wake_{0};  // wakes the progress thread when a driver stops
   std::thread progress_thread_;
 };

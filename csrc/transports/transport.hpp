@@ -152,6 +152,9 @@ class Connection {
   virtual void wait_inbound(int timeout_ms) {
     if (timeout_ms > 0) std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
+  // Whether post_put wants LocalSlice::region filled in (verbs needs the
+  // source's lkey; byte-stream transports do not, and skip the lookup).
+  virtual bool needs_source_region() const { return true; }
   // Idempotent. Pending operations fail with "connection closed".
   virtual void close() = 0;
   // True once the connection failed or closed; *why gets the first reason.

@@ -1,0 +1,122 @@
+"""The verbs (RDMA RC) transport, for real: needs an RDMA device.
+
+On machines without one these tests skip with the reason; run them in the
+Soft-RoCE guest with ``scripts/softroce/test.sh``. Each test runs its ranks as
+separate processes (verbs_ranks.py), each with its own QPs and registrations.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import verbs_ranks as vr  # noqa: E402
+
+_SKIP = vr.verbs_skip_reason()
+pytestmark = [pytest.mark.verbs, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+# Around the transport's thresholds: inline (64), chunk (32 KiB), several MiB.
+PUT_SIZES = [1, 7, 64, 65, 4095, 4096, 32767, 32768, 32769, 65543, 1 << 20, (4 << 20) + 13]
+SEND_SIZES = [0, 1, 15, 16, 17, 32752, 32753, 32768, 65536 + 5, 1 << 20, (5 << 20) + 3]
+
+
+def test_every_operation():
+    results = vr.run_ranks(vr.every_operation)
+    assert results == {0: 1, 1: 1}
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_put_sizes_random_offsets_checksums(seed):
+    results = vr.run_ranks(vr.put_sizes, args=(PUT_SIZES, seed), timeout=400)
+    assert results == {0: 2 * len(PUT_SIZES), 1: 2 * len(PUT_SIZES)}
+
+
+def test_send_recv_sizes_checksums():
+    results = vr.run_ranks(vr.send_sizes, args=(SEND_SIZES, 3), timeout=300)
+    assert results == {0: len(SEND_SIZES), 1: len(SEND_SIZES)}
+
+
+def test_many_messages_not_lost_duplicated_or_reordered():
+    results = vr.run_ranks(vr.many_messages, args=(3000,), timeout=400)
+    assert results == {0: 3000, 1: 3000}
+
+
+def test_several_producers_signal_one_word():
+    adds = 200
+    results = vr.run_ranks(vr.many_producers_one_word, world=3, args=(adds,), timeout=300)
+    assert results[0] == 2 * adds
+    olds = results[1] + results[2]
+    assert len(set(olds)) == len(olds) == 2 * adds, "two fetch-and-adds saw the same old value"
+    assert sorted(olds) == [3 * i for i in range(2 * adds)]
+
+
+def test_flush_waits_for_everything_before_it():
+    assert vr.run_ranks(vr.flush_makes_visible, args=(300,)) == {0: True, 1: True}
+
+
+def test_timeouts_are_bounded_and_leave_the_channel_usable():
+    results = vr.run_ranks(vr.timeouts, timeout=200)
+    recv_s, recv_msg = results[0]["recv"]
+    wait_s, wait_msg = results[0]["wait"]
+    send_s, send_msg, sent = results[0]["send"]
+    assert 0.4 <= recv_s < 5, recv_s
+    assert 0.4 <= wait_s < 5, wait_s
+    assert 0.9 <= send_s, send_s
+    assert "rank 1" in recv_msg and "rank 1" in send_msg
+    # 32 bounce buffers + 16 KiB of buffered 1 KiB messages (credits return in batches of 8)
+    assert 32 + 16 - 7 <= sent <= 32 + 16, sent
+    assert results[1]["drained"] == sent
+
+
+@pytest.mark.parametrize("mode", ["recv", "put"])
+def test_peer_death_fails_within_bounded_time(mode):
+    results = vr.run_ranks(vr.peer_death, args=(mode,), may_die=(1,), timeout=200)
+    elapsed, error, channel_failed = results[0]
+    # keepalive (1 s) + retries: (IB_RETRY_CNT + 1) x 4.096us x 2^IB_TIMEOUT
+    assert elapsed < 30, f"took {elapsed:.1f} s: {error}"
+    assert "rank 1" in error and ("acknowledge" in error or "closed" in error), error
+    assert channel_failed, "the channel should report its failure"
+
+
+@pytest.mark.parametrize("case", ["stale", "bigger", "rights"])
+def test_remote_access_error_is_a_clear_transport_error(case):
+    results = vr.run_ranks(vr.remote_access_errors, args=(case,), timeout=200)
+    elapsed, first, sticky = results[0]
+    assert "remote access error" in first, first
+    assert elapsed < 20
+    assert sticky == first, "later operations must fail with the original reason"
+    assert results[1] == 1
+
+
+def test_message_too_long_fails_only_that_receive():
+    results = vr.run_ranks(vr.message_too_long)
+    assert "does not fit" in results[1], results[1]
+
+
+def test_many_queue_pairs():
+    tags = 6
+    results = vr.run_ranks(vr.many_qps, world=3, args=(tags,), timeout=400)
+    assert results == {r: 2 * tags for r in range(3)}
+
+
+def test_close_is_seen_by_the_peer_after_delivery():
+    results = vr.run_ranks(vr.close_is_seen)
+    elapsed, error = results[1]
+    assert elapsed < 5, f"{elapsed:.1f} s: {error}"
+    assert "closed" in error, error
+
+
+def test_transport_below_the_channel_layer():
+    """tests/verbs/cpp/verbs_transport_check.cpp: the Connection interface driven
+    directly (two ranks as threads), including partly-sent message timeouts."""
+    binary = os.path.join(REPO, "build", "verbs-check", "verbs_transport_check")
+    if not os.path.exists(binary):
+        pytest.skip("build it first: tests/verbs/build_cpp_check.sh (scripts/softroce/test.sh does)")
+    proc = subprocess.run([binary], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASSED" in proc.stdout
