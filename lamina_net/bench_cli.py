@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--warmup", type=int, default=50, help="unmeasured round trips per size")
     lat.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     lat.add_argument("--no-reference", action="store_true", help="skip the plain C reference ping-pongs")
+    lat.add_argument("--baseline", default="auto",
+                     help="torch.distributed baseline measured alongside: gloo, nccl (needs 2 GPUs), none, or "
+                          "auto (gloo when torch is installed; nccl too with 2+ GPUs)")
     lat.add_argument("--rank", type=int, help="run one rank only (cross-host); needs --store")
     lat.add_argument("--world-size", type=int, default=2)
     lat.add_argument("--store", help="host:port of the store (rank 0 hosts it)")
@@ -185,6 +188,93 @@ def run_memcpy_reference(sizes: list[int], iterations: int, warmup: int) -> dict
     return out
 
 
+def _torch_rank(queue, backend: str, rank: int, port: int, sizes: list[int], iterations: int, warmup: int,
+                timeout: float) -> None:
+    try:
+        import datetime
+        import time
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=timeout))
+        device = "cuda" if backend == "nccl" else "cpu"
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+        peer = 1 - rank
+        records = []
+        for size in sizes:
+            n = _iterations_for(size, iterations)
+            buf = torch.zeros(size, dtype=torch.uint8, device=device)
+            times = []
+            dist.barrier()
+            for i in range(warmup + n):
+                t0 = time.perf_counter()
+                if rank == 0:
+                    dist.send(buf, peer)
+                    dist.recv(buf, peer)
+                else:
+                    dist.recv(buf, peer)
+                    dist.send(buf, peer)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            times.sort()
+            records.append({"transport": backend, "op": "send", "size_bytes": size, "iterations": n,
+                            "p50_us": _percentile(times, 0.5) * 1e6 / 2, "p99_us": _percentile(times, 0.99) * 1e6 / 2})
+        dist.destroy_process_group()
+        queue.put(("ok", records if rank == 0 else None))
+    except BaseException as e:  # reported by the parent
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_torch_baseline(backend: str, sizes: list[int], iterations: int, warmup: int, timeout: float) -> list[dict]:
+    """Ping-pong with torch.distributed send/recv (Gloo on CPU, NCCL on 2 GPUs), both ranks local."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_torch_rank, args=(queue, backend, r, port, sizes, iterations, warmup, timeout))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        for _ in procs:
+            results.append(queue.get(timeout=timeout * (len(sizes) + 2) + 60))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = [msg for status, msg in results if status == "error"]
+    if errors:
+        raise RuntimeError(f"{backend} baseline failed: " + "; ".join(errors))
+    return next(r for status, r in results if r)
+
+
+def _baselines(choice: str) -> list[str]:
+    if choice == "none":
+        return []
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        if choice == "auto":
+            return []
+        raise SystemExit("lamina-net bench: the torch.distributed baseline needs torch (pip install torch)")
+    if choice == "auto":
+        import torch
+
+        return ["gloo"] + (["nccl"] if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else [])
+    names = [c.strip() for c in choice.split(",")]
+    for name in names:
+        if name not in ("gloo", "nccl"):
+            raise SystemExit(f"lamina-net bench: unknown baseline {name!r} (gloo, nccl, none, auto)")
+    return names
+
+
 def _available_transports() -> list[str]:
     from . import _core
 
@@ -195,17 +285,23 @@ def _available_transports() -> list[str]:
 
 
 def print_table(records: list[dict], file=sys.stdout) -> None:
-    header = f"{'transport':<9} {'op':<5} {'size':>9} {'iters':>6} {'p50 us':>9} {'p99 us':>9} " \
-             f"{'ref p50':>9} {'ratio':>6} {'memcpy':>9} {'put/memcpy':>10}"
+    """One row per transport and size: p50/p99 one-way, then each comparison as a ratio."""
+    columns = [("ref p50", "ref_p50_us", 9, ".2f"), ("vs ref", "ratio_vs_ref", 7, ".2f"),
+               ("memcpy", "memcpy_us", 9, ".2f"), ("vs memcpy", "ratio_vs_memcpy", 9, ".2f")]
+    for backend in ("gloo", "nccl"):
+        if any(f"ratio_vs_{backend}" in r for r in records):
+            columns.append((f"vs {backend}", f"ratio_vs_{backend}", 8, ".3f"))
+    header = f"{'transport':<9} {'op':<5} {'size':>9} {'iters':>6} {'p50 us':>9} {'p99 us':>9}" + "".join(
+        f" {title:>{width}}" for title, _, width, _ in columns)
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in records:
-        ref = f"{r['ref_p50_us']:9.2f}" if r.get("ref_p50_us") else f"{'-':>9}"
-        ratio = f"{r['ratio_vs_ref']:6.2f}" if r.get("ratio_vs_ref") else f"{'-':>6}"
-        mc = f"{r['memcpy_us']:9.2f}" if r.get("memcpy_us") else f"{'-':>9}"
-        mratio = f"{r['ratio_vs_memcpy']:10.2f}" if r.get("ratio_vs_memcpy") else f"{'-':>10}"
+        cells = "".join(f" {format(r[key], fmt):>{width}}" if r.get(key) else f" {'-':>{width}}"
+                        for _, key, width, fmt in columns)
         print(f"{r['transport']:<9} {r['op']:<5} {r['size_bytes']:>9} {r['iterations']:>6} {r['p50_us']:9.2f} "
-              f"{r['p99_us']:9.2f} {ref} {ratio} {mc} {mratio}", file=file)
+              f"{r['p99_us']:9.2f}{cells}", file=file)
+    print("vs X = lamina-net p50 / X p50 at the same size, measured in this run (ref: plain C ping-pong "
+          "in bench/; memcpy: one memcpy of that size; gloo/nccl: torch.distributed send/recv)", file=file)
 
 
 def run(args) -> int:
@@ -243,6 +339,16 @@ def run(args) -> int:
             if r["transport"] == "shm" and r["size_bytes"] in memcpy:
                 r["memcpy_us"] = memcpy[r["size_bytes"]]
                 r["ratio_vs_memcpy"] = r["p50_us"] / memcpy[r["size_bytes"]] if memcpy[r["size_bytes"]] > 0 else None
+    baselines = _baselines(args.baseline) if args.rank is None else []
+    for backend in baselines:
+        base = run_torch_baseline(backend, sizes, args.iterations, args.warmup, args.timeout)
+        by_size = {b["size_bytes"]: b for b in base}
+        for r in records:
+            b = by_size.get(r["size_bytes"])
+            if b:
+                r[f"{backend}_p50_us"] = b["p50_us"]
+                r[f"ratio_vs_{backend}"] = r["p50_us"] / b["p50_us"] if b["p50_us"] > 0 else None
+        records += base
     print_table(records)
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
