@@ -118,24 +118,17 @@ def _rank_main(queue, *args) -> None:
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def run_local_pair(transport: str, op: str, sizes: list[int], iterations: int, warmup: int,
-                   timeout: float) -> list[dict]:
-    """Runs both ranks as local processes; returns rank 0's records."""
+def _run_pair(target, args_of_rank, what: str, wait_s: float) -> list[dict]:
+    """Runs target(queue, *args_of_rank(rank)) for ranks 0 and 1 as spawned processes; rank 0's records."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    store = f"127.0.0.1:{_free_port()}"
-    # numpy's BLAS threads would spin beside the measured loop.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    group = f"bench-{os.getpid()}-{transport}"
-    procs = [ctx.Process(target=_rank_main, args=(queue, r, 2, store, transport, op, sizes, iterations, warmup,
-                                                  timeout, group)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(queue, *args_of_rank(r))) for r in range(2)]
     for p in procs:
         p.start()
     results = []
     try:
         for _ in procs:
-            results.append(queue.get(timeout=timeout * (len(sizes) + 2) + 60))
+            results.append(queue.get(timeout=wait_s))
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -143,8 +136,20 @@ def run_local_pair(transport: str, op: str, sizes: list[int], iterations: int, w
                 p.kill()
     errors = [msg for status, msg in results if status == "error"]
     if errors:
-        raise RuntimeError(f"{transport} benchmark failed: " + "; ".join(errors))
+        raise RuntimeError(f"{what} failed: " + "; ".join(errors))
     return next(r for status, r in results if r)
+
+
+def run_local_pair(transport: str, op: str, sizes: list[int], iterations: int, warmup: int,
+                   timeout: float) -> list[dict]:
+    """Runs both ranks as local processes; returns rank 0's records."""
+    store = f"127.0.0.1:{_free_port()}"
+    group = f"bench-{os.getpid()}-{transport}"
+    # numpy's BLAS threads would spin beside the measured loop.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return _run_pair(_rank_main, lambda r: (r, 2, store, transport, op, sizes, iterations, warmup, timeout, group),
+                     f"{transport} benchmark", timeout * (len(sizes) + 2) + 60)
 
 
 def reference_binary(name: str) -> Path | None:
@@ -233,26 +238,9 @@ def _torch_rank(queue, backend: str, rank: int, port: int, sizes: list[int], ite
 
 def run_torch_baseline(backend: str, sizes: list[int], iterations: int, warmup: int, timeout: float) -> list[dict]:
     """Ping-pong with torch.distributed send/recv (Gloo on CPU, NCCL on 2 GPUs), both ranks local."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_torch_rank, args=(queue, backend, r, port, sizes, iterations, warmup, timeout))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = []
-    try:
-        for _ in procs:
-            results.append(queue.get(timeout=timeout * (len(sizes) + 2) + 60))
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    errors = [msg for status, msg in results if status == "error"]
-    if errors:
-        raise RuntimeError(f"{backend} baseline failed: " + "; ".join(errors))
-    return next(r for status, r in results if r)
+    return _run_pair(_torch_rank, lambda r: (backend, r, port, sizes, iterations, warmup, timeout),
+                     f"{backend} baseline", timeout * (len(sizes) + 2) + 60)
 
 
 def _baselines(choice: str) -> list[str]:

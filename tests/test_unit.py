@@ -169,16 +169,18 @@ def test_cli_info_and_bench_json(tmp_path):
     assert "transports: tcp, shm" in out and "LAMINA_NET_TIMEOUT" in out
     path = tmp_path / "lat.json"
     proc = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--transport", "tcp,shm",
-                           "--sizes", "8,4096", "--iterations", "50", "--warmup", "5", "--json", str(path)],
+                           "--sizes", "8,4096", "--iterations", "50", "--warmup", "5", "--json", str(path),
+                           "--baseline", "gloo"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     records = json.loads(path.read_text())
-    assert {(r["transport"], r["size_bytes"]) for r in records} == {("tcp", 8), ("tcp", 4096), ("shm", 8),
-                                                                    ("shm", 4096)}
+    assert {(r["transport"], r["size_bytes"]) for r in records} == {
+        (t, s) for t in ("tcp", "shm", "gloo") for s in (8, 4096)}
     for r in records:
         assert {"transport", "op", "size_bytes", "iterations", "p50_us", "p99_us"} <= set(r)
         assert r["iterations"] == 50 and 0 < r["p50_us"] <= r["p99_us"]
-        assert r["ratio_vs_ref"] > 0  # the C reference ran side by side
+        if r["transport"] != "gloo":
+            assert r["ratio_vs_ref"] > 0 and r["ratio_vs_gloo"] > 0  # measured side by side
     bad = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--sizes", "abc"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "sizes" in bad.stderr

@@ -33,11 +33,7 @@ void Backoff::pause() {
 }
 
 void futex_wait(const uint32_t* word, uint32_t expected, int timeout_ms, bool shared) {
-  struct timespec ts;
-  ts.tv_sec = timeout_ms / 1000;
-  ts.tv_nsec = static_cast<long>(timeout_ms % 1000) * 1000000L;
-  int op = shared ? FUTEX_WAIT : FUTEX_WAIT_PRIVATE;
-  syscall(SYS_futex, word, op, expected, &ts, nullptr, 0);
+  futex_wait_us(word, expected, timeout_ms * 1000, shared);
 }
 
 void futex_wait_us(const uint32_t* word, uint32_t expected, int timeout_us, bool shared) {
