@@ -319,17 +319,17 @@ class Channel:
     def _source(self, src, src_offset: int, nbytes: Optional[int]) -> tuple[int, int, Any]:
         if isinstance(src, Region):
             src._live()
-            base, total, keep = src.ptr, src.nbytes, src
+            base, total, keep, cuda = src.ptr, src.nbytes, src, src._buffer.cuda
         else:
             buf = as_buffer(src)
-            base, total, keep = buf.ptr, buf.nbytes, buf.owner
-            if buf.cuda and not _core.HAVE_CUDA:
-                raise UsageError("CUDA memory needs lamina-net built with CUDA")
+            base, total, keep, cuda = buf.ptr, buf.nbytes, buf.owner, buf.cuda
+        if cuda and not _core.HAVE_CUDA:
+            raise UsageError("CUDA memory needs lamina-net built with CUDA")
         src_offset = _check_uint("src_offset", src_offset)
         n = total - src_offset if nbytes is None else _check_uint("nbytes", nbytes)
         if src_offset > total or n > total - src_offset:
             raise UsageError(f"source slice [{src_offset}, {src_offset}+{n}) is outside the {total}-byte source")
-        return base + src_offset, n, keep
+        return base + src_offset, n, keep, cuda
 
     @staticmethod
     def _remote(dst) -> "_core.Descriptor":
@@ -340,11 +340,11 @@ class Channel:
         raise UsageError(f"expected a RemoteRegion, got {type(dst).__name__}")
 
     def _put(self, src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, want, timeout):
-        ptr, n, keep = self._source(src, src_offset, nbytes)
+        ptr, n, keep, cuda = self._source(src, src_offset, nbytes)
         sig = self._remote(signal) if signal is not None else None
         op = self._live().put(ptr, n, self._remote(dst), _check_uint("dst_offset", dst_offset), sig,
                               _check_uint("signal_offset", signal_offset), _check_uint("signal_add", signal_add),
-                              want, _check_timeout(timeout))
+                              want, _check_timeout(timeout), cuda)
         return op, keep, n
 
     def put(self, src, dst: RemoteRegion, dst_offset: int = 0, *, src_offset: int = 0, nbytes: Optional[int] = None,

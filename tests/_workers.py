@@ -300,3 +300,27 @@ def ordering_mixed_paths(rank, world, store, transport, rounds):
             ch.put(np.zeros(0, np.uint8), pt, 0, signal=ps)
         assert bad == 0, f"{bad} rounds saw the earlier small put overwrite the later large one"
         return rounds
+
+
+def cuda_put(rank, world, store, transport, nbytes):
+    """GPU source -> remote GPU region over tcp/shm (host staging), signal in host memory."""
+    import torch
+
+    peer = 1 - rank
+    with ln.Endpoint(rank, world, store, group="cuda-put", timeout=30) as ep:
+        target = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+        sig = np.zeros(1, np.uint64)
+        ep.publish("t", ep.register(target))
+        rs = ep.register(sig)
+        ep.publish("s", rs)
+        ch = ep.channel(peer, transport)
+        pt, ps = ep.lookup(peer, "t"), ep.lookup(peer, "s")
+        src = (torch.arange(nbytes, device="cuda") % 251).to(torch.uint8)
+        if rank == 0:
+            ch.put(src, pt, 0, signal=ps)
+            ep.barrier("done")
+            return True
+        rs.wait(0, 1, timeout=30, channel=ch)
+        ok = bool(torch.equal(target, src))
+        ep.barrier("done")
+        return ok

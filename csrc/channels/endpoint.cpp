@@ -11,6 +11,7 @@
 #include "common/error.hpp"
 #include "common/log.hpp"
 #include "common/settings.hpp"
+#include "memory/cuda_memory.hpp"
 
 namespace lamina {
 
@@ -96,20 +97,23 @@ void Channel::check_target(const RegionDescriptor& d, uint64_t offset, uint64_t 
 }
 
 OpRef Channel::put(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
-                   const RemoteWord* signal, bool want_completion, double timeout_s) {
+                   const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device) {
   check_open();
   if (len > 0 && src == nullptr) throw_usage("put: null source");
   check_target(dst, dst_offset, len, kAccessRemoteWrite, "put");
   if (signal) {
     if (signal->offset % 8 != 0) throw_usage("put: signal offset must be 8-byte aligned");
     check_target(signal->target, signal->offset, 8, kAccessRemoteAtomic, "put signal");
+    if (signal->target.kind != MemoryKind::kHost) throw_usage("put signal: signal words must be host memory");
   }
+  if (src_device) cuda_check_device_range(src, len);
   LocalSlice slice;
   slice.ptr = src;
   slice.len = len;
   std::shared_ptr<Region> region;
   if (connection_->needs_source_region()) region = endpoint_->regions().find_containing(src, len);
   slice.region = region.get();
+  slice.device = src_device;
   RemoteSlice remote{dst, dst_offset};
   OpRef op = want_completion ? std::make_shared<OpState>() : nullptr;
   connection_->post_put(slice, remote, signal, op, Deadline::after_seconds(resolve(timeout_s)));
@@ -120,6 +124,7 @@ OpRef Channel::atomic_add(const RegionDescriptor& dst, uint64_t offset, uint64_t
   check_open();
   if (offset % 8 != 0) throw_usage("atomic_add: offset must be 8-byte aligned");
   check_target(dst, offset, 8, kAccessRemoteAtomic, "atomic_add");
+  if (dst.kind != MemoryKind::kHost) throw_usage("atomic_add: atomic words must be host memory");
   auto op = std::make_shared<OpState>();
   connection_->post_atomic_add(RemoteWord{dst, offset, value}, op, Deadline::after_seconds(resolve(timeout_s)));
   return op;
@@ -270,6 +275,7 @@ std::vector<std::string> Endpoint::available_transports(std::string* verbs_why) 
 std::shared_ptr<Region> Endpoint::register_memory(void* base, uint64_t size, uint32_t access, MemoryKind kind,
                                                   int device) {
   if (closed_.load()) throw_usage("endpoint is closed");
+  if (kind == MemoryKind::kCuda) device = cuda_check_device_range(base, size);
   auto region = regions_.add(base, size, access, kind, device);
   try {
     for (auto& [name, t] : transports_) t->register_region(*region);

@@ -61,9 +61,11 @@ class Channel {
 
   // One-sided put of [src, src+len) into dst at dst_offset; then, if signal is
   // given, add signal->add to that remote word. Returns when src may be reused.
+  // src_device: src is CUDA memory (dst may be GPU memory too, per its
+  // descriptor); signal words are always host memory.
   // With want_completion, the returned op completes when applied at the target.
   OpRef put(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
-            const RemoteWord* signal, bool want_completion, double timeout_s);
+            const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device = false);
   OpRef atomic_add(const RegionDescriptor& dst, uint64_t offset, uint64_t value, double timeout_s);
   OpRef send(const void* data, uint64_t len, double timeout_s);
   OpRef recv(void* buffer, uint64_t capacity);

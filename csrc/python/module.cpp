@@ -150,15 +150,16 @@ PYBIND11_MODULE(_core, m) {
           "put",
           [](Channel& ch, uintptr_t src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
              const RegionDescriptor* signal, uint64_t signal_offset, uint64_t signal_add, bool want_completion,
-             double timeout) {
+             double timeout, bool src_device) {
             py::gil_scoped_release release;
             RemoteWord word;
             if (signal) word = RemoteWord{*signal, signal_offset, signal_add};
             return ch.put(reinterpret_cast<const void*>(src), len, dst, dst_offset, signal ? &word : nullptr,
-                          want_completion, timeout);
+                          want_completion, timeout, src_device);
           },
           py::arg("src"), py::arg("nbytes"), py::arg("dst"), py::arg("dst_offset"), py::arg("signal").none(true),
-          py::arg("signal_offset"), py::arg("signal_add"), py::arg("want_completion"), py::arg("timeout"))
+          py::arg("signal_offset"), py::arg("signal_add"), py::arg("want_completion"), py::arg("timeout"),
+          py::arg("src_device") = false)
       .def("atomic_add",
            [](Channel& ch, const RegionDescriptor& dst, uint64_t offset, uint64_t value, double timeout) {
              py::gil_scoped_release release;

@@ -6,6 +6,7 @@
 #include "common/error.hpp"
 #include "common/log.hpp"
 #include "common/settings.hpp"
+#include "memory/cuda_memory.hpp"
 
 namespace lamina {
 namespace {
@@ -175,9 +176,19 @@ bool StreamConnection::try_flush_control() {
   return true;
 }
 
-void StreamConnection::post_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal,
+void StreamConnection::post_put(const LocalSlice& src_in, const RemoteSlice& dst, const RemoteWord* signal,
                                 const OpRef& done, Deadline deadline) {
   throw_if_failed();
+  // GPU sources go through host memory: bytes on a socket or a ring are host bytes.
+  std::vector<char> staged;
+  LocalSlice src = src_in;
+  if (src.device) {
+    staged.resize(src.len);
+    cuda_copy(staged.data(), src.ptr, src.len);
+    src.ptr = staged.data();
+    src.device = false;
+    src.region = nullptr;
+  }
   FrameHeader h;
   h.type = static_cast<uint8_t>(FrameType::kPut);
   h.region_id = dst.target.region_id;
@@ -190,6 +201,7 @@ void StreamConnection::post_put(const LocalSlice& src, const RemoteSlice& dst, c
     h.sig_add = signal->add;
   }
   if (src.len >= stream_->direct_put_threshold() && dst.target.shared_fd >= 0 &&
+      dst.target.kind == MemoryKind::kHost &&
       try_direct_put(src, dst, signal, done, deadline)) {
     return;
   }
@@ -378,6 +390,11 @@ bool StreamConnection::parse_header_locked() {
     if (h.sig_offset % 8 != 0) return reject("signal offset " + std::to_string(h.sig_offset) + " is not 8-byte aligned");
     signal_region_ = pin_inbound(cached_signal_region_, h.sig_region, h.sig_offset, 8, kAccessRemoteAtomic, &why);
     if (!signal_region_) return reject("signal target: " + why);
+    if (signal_region_->kind != MemoryKind::kHost) {
+      RegionTable::unpin(*signal_region_);
+      signal_region_.reset();
+      return reject("signal target is not host memory");
+    }
     return true;
   };
   switch (static_cast<FrameType>(h.type)) {
@@ -391,6 +408,11 @@ bool StreamConnection::parse_header_locked() {
         return false;
       }
       payload_dst_ = static_cast<char*>(payload_region_->base) + h.offset;
+      if (payload_region_->kind == MemoryKind::kCuda) {
+        // Receive into host memory; finish_frame copies it up before the signal.
+        device_staging_.resize(h.length);
+        payload_dst_ = device_staging_.data();
+      }
       payload_left_ = h.type == static_cast<uint8_t>(FrameType::kPut) ? h.length : 0;
       break;
     }
@@ -398,6 +420,11 @@ bool StreamConnection::parse_header_locked() {
       if (h.offset % 8 != 0) return reject("atomic offset " + std::to_string(h.offset) + " is not 8-byte aligned");
       signal_region_ = pin_inbound(cached_signal_region_, h.region_id, h.offset, 8, kAccessRemoteAtomic, &why);
       if (!signal_region_) return reject(why);
+      if (signal_region_->kind != MemoryKind::kHost) {
+        RegionTable::unpin(*signal_region_);
+        signal_region_.reset();
+        return reject("atomic target is not host memory");
+      }
       payload_left_ = 0;
       break;
     case FrameType::kSend: {
@@ -458,23 +485,38 @@ void StreamConnection::apply_signal(uint64_t region_id, uint64_t offset, uint64_
   signal_region_.reset();
 }
 
+void StreamConnection::release_pins_locked() {
+  if (payload_region_) {
+    RegionTable::unpin(*payload_region_);
+    payload_region_.reset();
+  }
+  if (signal_region_) {
+    RegionTable::unpin(*signal_region_);
+    signal_region_.reset();
+  }
+}
+
 void StreamConnection::finish_frame_locked() {
   const FrameHeader& h = current_;
   FrameHeader reply;
   switch (static_cast<FrameType>(h.type)) {
     case FrameType::kPutPull:
       if (h.length && !stream_->pull_from_peer(payload_dst_, h.value, h.length)) {
-        RegionTable::unpin(*payload_region_);
-        payload_region_.reset();
-        if (signal_region_) {
-          RegionTable::unpin(*signal_region_);
-          signal_region_.reset();
-        }
+        release_pins_locked();
         fail("could not copy a put from the peer's memory (process_vm_readv failed)");
         return;
       }
       [[fallthrough]];
     case FrameType::kPut:
+      if (payload_region_->kind == MemoryKind::kCuda && h.length) {
+        try {
+          cuda_copy(static_cast<char*>(payload_region_->base) + h.offset, device_staging_.data(), h.length);
+        } catch (const Error& e) {
+          release_pins_locked();
+          fail(std::string("could not copy a put into GPU memory: ") + e.what());
+          return;
+        }
+      }
       std::atomic_thread_fence(std::memory_order_release);
       RegionTable::unpin(*payload_region_);
       payload_region_.reset();
@@ -729,14 +771,7 @@ void StreamConnection::close() {
   std::lock_guard<std::mutex> lock(rx_mutex_);
   cached_data_region_.reset();
   cached_signal_region_.reset();
-  if (payload_region_) {
-    RegionTable::unpin(*payload_region_);
-    payload_region_.reset();
-  }
-  if (signal_region_) {
-    RegionTable::unpin(*signal_region_);
-    signal_region_.reset();
-  }
+  release_pins_locked();
 }
 
 }  // namespace lamina

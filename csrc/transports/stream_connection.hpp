@@ -116,6 +116,7 @@ class StreamConnection : public Connection {
                                       uint32_t need, std::string* why);
   bool parse_header_locked();
   void finish_frame_locked();
+  void release_pins_locked();  // the regions an unfinished frame pinned
   bool fill_staging_locked(bool* eof);
   void apply_signal(uint64_t region_id, uint64_t offset, uint64_t add, uint64_t* old_value);
   void on_ack(uint64_t seq);
@@ -154,6 +155,7 @@ class StreamConnection : public Connection {
   std::shared_ptr<Region> cached_data_region_, cached_signal_region_;
   std::shared_ptr<Region> signal_region_;   // pinned until the signal is applied
   std::vector<char> payload_message_;       // unexpected message being received
+  std::vector<char> device_staging_;        // host copy of a payload bound for GPU memory
   bool payload_to_message_ = false;
   OpRef payload_recv_op_;
   uint64_t payload_recv_len_ = 0;

@@ -86,6 +86,7 @@ struct LocalSlice {
   const void* ptr = nullptr;
   uint64_t len = 0;
   const Region* region = nullptr;  // null when the source is unregistered memory
+  bool device = false;             // ptr is CUDA device memory
 };
 
 // Destination of a put: [offset, offset+len) of a peer's region.
