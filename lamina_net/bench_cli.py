@@ -247,14 +247,12 @@ def _baselines(choice: str) -> list[str]:
     if choice == "none":
         return []
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         if choice == "auto":
             return []
         raise SystemExit("lamina-net bench: the torch.distributed baseline needs torch (pip install torch)")
     if choice == "auto":
-        import torch
-
         return ["gloo"] + (["nccl"] if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else [])
     names = [c.strip() for c in choice.split(",")]
     for name in names:

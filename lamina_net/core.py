@@ -13,15 +13,16 @@ See ``docs/python-api.md`` for a tour. Contracts (from the C++ headers):
 """
 from __future__ import annotations
 
+import builtins
 import enum
 import errno
 import os
 import threading
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from . import _core
 from ._arrays import Buffer, as_buffer
-from .errors import LaminaError, TimeoutError, TransportError, UsageError
+from .errors import TimeoutError, TransportError, UsageError
 from .store import StoreClient, StoreServer, TorchStoreAdapter, parse_address
 
 
@@ -91,7 +92,7 @@ def _store_for(store: Any, rank: int, world_size: int, timeout: float):
                     raise TransportError(f"rank 0 could not host the store on {store}: {e}") from e
         try:
             client = StoreClient(host, port, connect_timeout=timeout)
-        except builtins_timeout_type() as e:
+        except builtins.TimeoutError as e:
             if server:
                 server.close()
             raise TimeoutError(str(e)) from e
@@ -121,12 +122,6 @@ def _shared_allocation_of(obj) -> "Optional[_core.SharedAllocation]":
             return obj
         obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
     return None
-
-
-def builtins_timeout_type():
-    import builtins
-
-    return builtins.TimeoutError
 
 
 def _default_tcp_host(store_address: Optional[str]) -> str:
@@ -567,7 +562,7 @@ class Endpoint:
         t = self.timeout if timeout is None else _check_timeout(timeout)
         try:
             blob = self._store.get(self._key(peer, name), t)
-        except builtins_timeout_type() as e:
+        except builtins.TimeoutError as e:
             raise TimeoutError(f"rank {peer} did not publish region {name!r} within {t:.3g} s") from e
         return RemoteRegion.from_bytes(blob)
 
@@ -589,10 +584,11 @@ class Endpoint:
         handle = self._live().channel(_check_uint("peer", peer, 1 << 31), transport, _check_uint("tag", tag, 1 << 31),
                                       _check_timeout(timeout))
         with self._lock:
-            ch = self._channels.get(id(handle))
+            key = (handle.peer, tag)
+            ch = self._channels.get(key)
             if ch is None or ch._handle is not handle:
                 ch = Channel(self, handle)
-                self._channels[id(handle)] = ch
+                self._channels[key] = ch
         return ch
 
     def choose_transport(self, peer: int, timeout: Optional[float] = None) -> tuple:
@@ -607,7 +603,7 @@ class Endpoint:
         for r in range(self.world_size):
             try:
                 self._store.get(f"ln/{self._group}/barrier/{name}/{r}", t)
-            except builtins_timeout_type() as e:
+            except builtins.TimeoutError as e:
                 raise TimeoutError(f"barrier {name!r}: rank {r} did not arrive within {t:.3g} s") from e
 
     # ---- lifetime

@@ -12,6 +12,7 @@ independent peers (e.g. interoperability tests) can load it by path.
 """
 from __future__ import annotations
 
+import builtins
 import socket
 import socketserver
 import struct
@@ -152,7 +153,7 @@ class StoreClient:
             except OSError as e:  # the server may not be up yet
                 last = e
                 if time.monotonic() >= deadline:
-                    raise builtins_timeout(f"could not reach the store at {host}:{port}: {last}") from e
+                    raise builtins.TimeoutError(f"could not reach the store at {host}:{port}: {last}") from e
                 time.sleep(0.05)
         self._sock.settimeout(None)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -181,7 +182,7 @@ class StoreClient:
         """Returns the value of ``key``, waiting up to ``timeout`` seconds for it."""
         (value,) = self._call(_OP_GET, key, struct.pack("<d", float(timeout)))
         if value is None:
-            raise builtins_timeout(f"store key {key!r} did not appear within {timeout:.3g} s")
+            raise builtins.TimeoutError(f"store key {key!r} did not appear within {timeout:.3g} s")
         return value
 
     def add(self, key: str, delta: int) -> int:
@@ -201,12 +202,6 @@ class StoreClient:
         self.close()
 
 
-def builtins_timeout(message: str) -> Exception:
-    import builtins
-
-    return builtins.TimeoutError(message)
-
-
 class TorchStoreAdapter:
     """Adapts a ``torch.distributed.Store`` to ``set(key, bytes)`` / ``get(key, timeout)``."""
 
@@ -223,7 +218,7 @@ class TorchStoreAdapter:
             self.store.wait([key], datetime.timedelta(seconds=max(timeout, 0.001)))
         except RuntimeError as e:  # torch reports a wait timeout as RuntimeError/DistStoreError
             if "timeout" in str(e).lower() or "timed out" in str(e).lower():
-                raise builtins_timeout(f"store key {key!r} did not appear within {timeout:.3g} s") from e
+                raise builtins.TimeoutError(f"store key {key!r} did not appear within {timeout:.3g} s") from e
             raise
         return bytes(self.store.get(key))
 

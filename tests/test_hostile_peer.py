@@ -9,7 +9,6 @@ import struct
 import time
 
 import numpy as np
-import pytest
 
 import lamina_net as ln
 

@@ -1,7 +1,4 @@
 """Multi-process tests of every operation over every local transport (tcp, shm)."""
-import time
-
-import numpy as np
 import pytest
 
 from conftest import assert_all_ok, run_ranks

@@ -141,7 +141,7 @@ def test_store_set_get_add_and_timeout():
 
 
 def test_torch_store_is_accepted():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     import datetime
     import tempfile
 

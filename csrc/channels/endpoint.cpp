@@ -159,7 +159,7 @@ void Channel::wait(const OpRef& op, double timeout_s, const std::string& what) {
   if (!op) return;
   double bound = resolve(timeout_s);
   Connection* conn = connection_.get();
-  bool finished = endpoint_->wait_until(
+  endpoint_->wait_until(
       [&] { return op->done() || conn->failed(nullptr); }, Deadline::after_seconds(bound), {conn});
   if (op->failed()) {
     if (op->error_kind() == ErrorKind::kUsage) throw_usage(op->error());
@@ -168,7 +168,6 @@ void Channel::wait(const OpRef& op, double timeout_s, const std::string& what) {
   if (op->done()) return;
   std::string why;
   if (conn->failed(&why)) throw_system(why);
-  (void)finished;
   char buf[64];
   std::snprintf(buf, sizeof(buf), "%.3g", bound);
   throw_timeout(what + " on the " + transport_ + " channel to rank " + std::to_string(peer_) +
@@ -420,12 +419,11 @@ void Endpoint::wait_signal(const Region& region, uint64_t offset, uint64_t value
   auto reached = [&] {
     return __atomic_load_n(word, __ATOMIC_ACQUIRE) >= value || (channel && channel->failed(nullptr));
   };
-  bool ok = wait_until(reached, Deadline::after_seconds(bound), drive);
+  wait_until(reached, Deadline::after_seconds(bound), drive);
   uint64_t seen = __atomic_load_n(word, __ATOMIC_ACQUIRE);
   if (seen >= value) return;
   std::string why;
   if (channel && channel->failed(&why)) throw_system(why + " (while waiting for a signal)");
-  (void)ok;
   char buf[64];
   std::snprintf(buf, sizeof(buf), "%.3g", bound);
   throw_timeout("wait for signal at offset " + std::to_string(offset) + " to reach " + std::to_string(value) +
