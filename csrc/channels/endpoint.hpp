@@ -26,6 +26,7 @@
 #include <sched.h>
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -181,13 +182,20 @@ bool Endpoint::wait_until(Done done, Deadline deadline, const std::vector<Connec
     if (drive.size() == 1) {
       // One connection: sleep in its kernel object (socket / ring futex) and
       // keep driving it ourselves - one wake-up per message, no hand-off.
-      drive[0]->wait_inbound(deadline.remaining_ms(2));
+      drive[0]->wait_inbound_until(deadline.remaining_ms(2), std::function<bool()>(done));
       continue;
     }
     uint32_t seen = event_seq_.load(std::memory_order_acquire);
-    for (Connection* c : drive) c->stop_driving();
+    bool direct = false;
+    for (Connection* c : drive) {
+      c->stop_driving();
+      direct |= c->writes_directly();
+    }
+    // Writes that bypass every progress engine do not bump event_seq_: with
+    // such a connection, sleep in short slices.
+    const int slice_us = direct ? 100 : deadline.remaining_ms(10) * 1000;
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
-    if (!done()) futex_wait(reinterpret_cast<const uint32_t*>(&event_seq_), seen, deadline.remaining_ms(10), false);
+    if (!done()) futex_wait_us(reinterpret_cast<const uint32_t*>(&event_seq_), seen, slice_us, false);
     sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
 }

@@ -15,7 +15,7 @@ const std::vector<SettingInfo>& all_settings() {
       {"TCP_HOST", "", "address the tcp transport listens on and advertises (default: hostname's address, else 127.0.0.1)"},
       {"TCP_BUFFER", "4194304", "SO_SNDBUF/SO_RCVBUF bytes of tcp connections"},
       {"SHM_RING_BYTES", "4194304", "bytes of each direction's shared-memory ring"},
-      {"SHM_DIRECT_MIN", "2048", "puts of at least this many bytes into a peer's shared allocation (Endpoint.alloc) are one memcpy straight into its memory"},
+      {"SHM_DIRECT_MIN", "0", "puts of at least this many bytes into a peer's shared allocation (Endpoint.alloc) are one memcpy straight into its memory, and signals/atomics there one atomic add (-1: never)"},
       {"SHM_SINGLE_COPY_MIN", "32768", "puts of at least this many bytes go straight into the peer's memory (process_vm_writev) instead of through the ring"},
       {"SPIN_US", "100", "microseconds a waiting thread spins before it sleeps"},
       {"MAX_UNEXPECTED_BYTES", "67108864", "bytes of received messages buffered per channel before a matching recv is posted; beyond it the sender is back-pressured"},

@@ -201,8 +201,7 @@ void StreamConnection::post_put(const LocalSlice& src_in, const RemoteSlice& dst
     h.sig_add = signal->add;
   }
   if (src.len >= stream_->direct_put_threshold() && dst.target.shared_fd >= 0 &&
-      dst.target.kind == MemoryKind::kHost &&
-      try_direct_put(src, dst, signal, done, deadline)) {
+      dst.target.kind == MemoryKind::kHost && try_direct_put(src, dst, signal, done, deadline)) {
     return;
   }
   // Large same-host puts: the target copies straight from our memory (one
@@ -232,21 +231,33 @@ void StreamConnection::post_put(const LocalSlice& src_in, const RemoteSlice& dst
   }
 }
 
-bool StreamConnection::try_direct_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal,
-                                      const OpRef& done, Deadline deadline) {
-  std::lock_guard<std::mutex> lock(tx_mutex_);
-  throw_if_failed();
-  // Ordering: every frame sent before must be applied at the target, or the
-  // direct copy could overtake a queued put to the same bytes. A target that
-  // lags behind more than briefly gets the ring path instead.
+bool StreamConnection::peer_caught_up_locked(Deadline deadline) {
+  // Ordering: every frame sent before must be applied at the target, or a
+  // direct write could overtake a queued put to the same bytes. A target that
+  // lags behind more than briefly gets frames instead.
   Deadline catch_up = Deadline::after_seconds(0.002);
   Backoff backoff(200000);
   while (stream_->peer_applied() < last_seq_) {
     if (catch_up.expired() || deadline.expired() || failed_.load()) return false;
     backoff.pause();
   }
+  return true;
+}
+
+bool StreamConnection::try_direct_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal,
+                                      const OpRef& done, Deadline deadline) {
+  std::lock_guard<std::mutex> lock(tx_mutex_);
+  throw_if_failed();
+  if (!peer_caught_up_locked(deadline)) return false;
   if (!stream_->direct_put(dst.target, dst.offset, src.ptr, src.len)) return false;
   std::atomic_thread_fence(std::memory_order_release);
+  // The data is at the target. A signal in shared memory too is one atomic
+  // add there (seq_cst: after the data), and the put needs no frame at all.
+  if (!signal || (signal->target.shared_fd >= 0 && signal->target.kind == MemoryKind::kHost &&
+                  stream_->direct_atomic_add(signal->target, signal->offset, signal->add, nullptr))) {
+    if (done) done->complete();
+    return true;
+  }
   FrameHeader h;
   h.type = static_cast<uint8_t>(FrameType::kPut);
   h.region_id = dst.target.region_id;
@@ -258,7 +269,6 @@ bool StreamConnection::try_direct_put(const LocalSlice& src, const RemoteSlice& 
     h.sig_offset = signal->offset;
     h.sig_add = signal->add;
   }
-  if (!signal && !done) return true;
   if (done) h.flags |= kFlagAckRequest;
   h.seq = next_seq_locked();
   if (done) {
@@ -271,6 +281,15 @@ bool StreamConnection::try_direct_put(const LocalSlice& src, const RemoteSlice& 
 
 void StreamConnection::post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) {
   throw_if_failed();
+  if (word.target.shared_fd >= 0 && word.target.kind == MemoryKind::kHost) {
+    std::lock_guard<std::mutex> lock(tx_mutex_);
+    throw_if_failed();
+    uint64_t old = 0;
+    if (peer_caught_up_locked(deadline) && stream_->direct_atomic_add(word.target, word.offset, word.add, &old)) {
+      if (done) done->complete(old);
+      return;
+    }
+  }
   FrameHeader h;
   h.type = static_cast<uint8_t>(FrameType::kAtomicAdd);
   h.region_id = word.target.region_id;
@@ -708,6 +727,11 @@ bool StreamConnection::progress() {
 void StreamConnection::wait_inbound(int timeout_ms) {
   if (failed_.load(std::memory_order_acquire)) return;
   stream_->wait_readable(timeout_ms);
+}
+
+void StreamConnection::wait_inbound_until(int timeout_ms, const std::function<bool()>& ready) {
+  if (failed_.load(std::memory_order_acquire)) return;
+  stream_->wait_readable(timeout_ms, &ready);
 }
 
 void StreamConnection::stop_driving() {

@@ -39,7 +39,9 @@ class ByteStream {
   // Writes a prefix of the iovecs; returns bytes written, 0 when full.
   virtual size_t write_some(const struct iovec* iov, int iovcnt) = 0;
   // Blocks up to timeout_ms until readable, woken early by wake().
-  virtual void wait_readable(int timeout_ms) = 0;
+  // `ready` (optional) is checked after the stream registered the sleeper, so
+  // a peer that changes memory directly and then wakes sleepers is not missed.
+  virtual void wait_readable(int timeout_ms, const std::function<bool()>* ready = nullptr) = 0;
   virtual void wait_writable(int timeout_ms) = 0;
   virtual void wake() = 0;
   // Makes the peer see end-of-stream. Idempotent.
@@ -58,6 +60,12 @@ class ByteStream {
     return false;
   }
   virtual uint64_t direct_put_threshold() const { return UINT64_MAX; }
+  // Direct 64-bit fetch-and-add on a word of the peer's shared allocation,
+  // then wakes a peer asleep on this stream. False when not possible.
+  virtual bool direct_atomic_add(const RegionDescriptor& target, uint64_t offset, uint64_t add, uint64_t* old) {
+    return false;
+  }
+  virtual bool writes_directly() const { return false; }
   // Highest sequence number of our frames that the peer has applied, and the
   // receiving side's report of the same (direct-put ordering).
   virtual uint64_t peer_applied() const { return 0; }
@@ -81,6 +89,8 @@ class StreamConnection : public Connection {
   bool needs_source_region() const override { return false; }
   void stop_driving() override;
   void wait_inbound(int timeout_ms) override;
+  void wait_inbound_until(int timeout_ms, const std::function<bool()>& ready) override;
+  bool writes_directly() const override { return stream_->writes_directly(); }
   void close() override;
   bool failed(std::string* why) const override;
 
@@ -102,6 +112,9 @@ class StreamConnection : public Connection {
   // tx
   bool try_direct_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal, const OpRef& done,
                       Deadline deadline);
+  // Waits (briefly) until the peer applied every frame sent so far; false if
+  // it lags, then the caller uses frames (which keep issue order by themselves).
+  bool peer_caught_up_locked(Deadline deadline);
   uint64_t next_seq_locked() { return ++last_seq_; }
   void write_frame_locked(const FrameHeader& header, const void* payload, uint64_t len, Deadline deadline);
   void write_all_locked(struct iovec* iov, int iovcnt, Deadline deadline);

@@ -153,6 +153,16 @@ class Connection {
   virtual void wait_inbound(int timeout_ms) {
     if (timeout_ms > 0) std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
+  // Like wait_inbound, but also returns (or does not sleep) once ready() is
+  // true: a peer may change local memory without sending anything (shm
+  // writes signals straight into shared allocations) and then only wakes a
+  // sleeper that declared itself.
+  virtual void wait_inbound_until(int timeout_ms, const std::function<bool()>& ready) {
+    if (!ready()) wait_inbound(timeout_ms);
+  }
+  // True when the peer may change local memory without any inbound traffic
+  // (see wait_inbound_until); multi-connection waits then sleep in short slices.
+  virtual bool writes_directly() const { return false; }
   // Whether post_put wants LocalSlice::region filled in (verbs needs the
   // source's lkey; byte-stream transports do not, and skip the lookup).
   virtual bool needs_source_region() const { return true; }

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <cstring>
 #include <random>
@@ -107,7 +108,7 @@ class ShmStream : public ByteStream {
     rx_data_ = mapping_->data() + kHeaderBytes + static_cast<size_t>(1 - side) * capacity_;
     pidfd_ = pidfd_open_compat(peer_pid);
     int64_t direct_min = setting_int("SHM_DIRECT_MIN");
-    direct_min_ = direct_min > 0 ? static_cast<uint64_t>(direct_min) : UINT64_MAX;
+    direct_min_ = direct_min >= 0 ? static_cast<uint64_t>(direct_min) : UINT64_MAX;
     uint64_t seen = 0;
     if (pull_min != UINT64_MAX && pull_from_peer(&seen, peer_probe, sizeof(seen)) && seen == g_probe_word) {
       pull_min_ = pull_min;
@@ -163,12 +164,12 @@ class ShmStream : public ByteStream {
     return written;
   }
 
-  void wait_readable(int timeout_ms) override {
+  void wait_readable(int timeout_ms, const std::function<bool()>* ready_check) override {
     uint32_t seq = rx_->data_seq.load(std::memory_order_acquire);
     rx_->reader_sleeping.fetch_add(1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     bool ready = rx_->head.load(std::memory_order_acquire) != rx_->tail.load(std::memory_order_relaxed) ||
-                 rx_->writer_closed.load(std::memory_order_acquire);
+                 rx_->writer_closed.load(std::memory_order_acquire) || (ready_check && (*ready_check)());
     if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&rx_->data_seq), seq, timeout_ms, true);
     rx_->reader_sleeping.fetch_sub(1, std::memory_order_relaxed);
   }
@@ -225,8 +226,26 @@ class ShmStream : public ByteStream {
   uint64_t peer_applied() const override { return tx_->applied_seq.load(std::memory_order_acquire); }
   void note_applied(uint64_t seq) override { rx_->applied_seq.store(seq, std::memory_order_release); }
 
+  bool writes_directly() const override { return direct_min_ != UINT64_MAX; }
+
+  bool direct_atomic_add(const RegionDescriptor& target, uint64_t offset, uint64_t add, uint64_t* old) override {
+    if (direct_min_ == UINT64_MAX || target.owner_pid != peer_pid_ || target.shared_fd < 0) return false;
+    if ((target.shared_offset + offset) % 8 != 0) return false;  // atomics need an aligned word
+    char* base = peer_mapping(target);
+    if (!base) return false;
+    auto* word = reinterpret_cast<uint64_t*>(base + target.shared_offset + offset);
+    uint64_t prev = __atomic_fetch_add(word, add, __ATOMIC_SEQ_CST);
+    if (old) *old = prev;
+    // A peer asleep on our ring would not notice a change that bypassed it.
+    if (tx_->reader_sleeping.load(std::memory_order_seq_cst)) {
+      tx_->data_seq.fetch_add(1, std::memory_order_release);
+      futex_wake_all(reinterpret_cast<uint32_t*>(&tx_->data_seq), true);
+    }
+    return true;
+  }
+
   bool direct_put(const RegionDescriptor& target, uint64_t offset, const void* src, uint64_t len) override {
-    if (target.owner_pid != peer_pid_ || target.shared_fd < 0) return false;
+    if (direct_min_ == UINT64_MAX || target.owner_pid != peer_pid_ || target.shared_fd < 0) return false;
     char* base = peer_mapping(target);
     if (!base) return false;
     std::memcpy(base + target.shared_offset + offset, src, len);

@@ -146,7 +146,8 @@ class TcpStream : public ByteStream {
       throw_errno("send to rank " + std::to_string(peer_rank_) + " (peer gone?)", errno);
     }
   }
-  void wait_readable(int timeout_ms) override {
+  void wait_readable(int timeout_ms, const std::function<bool()>* ready) override {
+    if (ready && (*ready)()) return;
     struct pollfd pfds[2] = {{fd_.get(), POLLIN, 0}, {event_fd_.get(), POLLIN, 0}};
     int r = ::poll(pfds, 2, timeout_ms);
     if (r > 0 && (pfds[1].revents & POLLIN)) {
