@@ -15,13 +15,20 @@ def _pair(rank, world, store, transport, group, timeout=20.0):
     return ep
 
 
-def every_op(rank, world, store, transport):
-    """put, put+signal, iput, atomic add, send/recv, flush, both directions."""
+def every_op(rank, world, store, transport, shared=False):
+    """put, put+signal, iput, atomic add, send/recv, flush, both directions.
+
+    shared: regions from Endpoint.alloc (on shm: direct memcpy and atomics, no frames).
+    """
     peer = 1 - rank
     with ln.Endpoint(rank, world, store, group="every-op", timeout=20) as ep:
-        buf = np.zeros(1 << 16, np.uint8)
-        sig = np.zeros(4, np.uint64)
-        rbuf, rsig = ep.register(buf, ln.Access.REMOTE_WRITE), ep.register(sig, ln.Access.REMOTE_ATOMIC)
+        if shared:
+            rbuf, rsig = ep.alloc(1 << 16, np.uint8, ln.Access.REMOTE_WRITE), ep.alloc(4, np.uint64)
+            buf, sig = rbuf.array, rsig.array
+        else:
+            buf = np.zeros(1 << 16, np.uint8)
+            sig = np.zeros(4, np.uint64)
+            rbuf, rsig = ep.register(buf, ln.Access.REMOTE_WRITE), ep.register(sig, ln.Access.REMOTE_ATOMIC)
         ep.publish("buf", rbuf)
         ep.publish("sig", rsig)
         ch = ep.channel(peer, transport)

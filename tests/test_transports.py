@@ -5,8 +5,9 @@ from conftest import assert_all_ok, run_ranks
 import _workers
 
 
-def test_every_operation(transport):
-    out = assert_all_ok(run_ranks(_workers.every_op, args=(transport,)))
+@pytest.mark.parametrize("shared", [False, True], ids=["registered", "alloc"])
+def test_every_operation(transport, shared):
+    out = assert_all_ok(run_ranks(_workers.every_op, args=(transport, shared)))
     assert out == {0: 1, 1: 1}
 
 
