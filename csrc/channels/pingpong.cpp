@@ -16,12 +16,16 @@ std::vector<double> run_pingpong(Endpoint& endpoint, Channel& channel, const Pin
   const uint64_t base = config.signal_base;
   RemoteWord sig{remote_signal, 0, 1};
   const bool use_put = config.op == "put";
+  // Send from private memory, as the C references do: sending from the buffer
+  // the peer writes into would add cache-line traffic that is not the
+  // transport's.
+  std::vector<char> source(config.size, 1);
 
   auto send_one = [&] {
     if (use_put) {
-      channel.put(buffer.base, config.size, remote_buffer, 0, &sig, false, config.timeout_s);
+      channel.put(source.data(), config.size, remote_buffer, 0, &sig, false, config.timeout_s);
     } else {
-      channel.send(buffer.base, config.size, config.timeout_s);
+      channel.send(source.data(), config.size, config.timeout_s);
     }
   };
   auto receive_one = [&](int i) {
