@@ -3,8 +3,11 @@
  * The baseline that `lamina-net bench latency --transport tcp` is compared
  * with. Forks a server and a client on 127.0.0.1; the client sends `size`
  * bytes, the server reads them and sends `size` bytes back.
+ * Mode "block": blocking recv (the reader sleeps in the kernel; its wake-up
+ * time depends on how deeply the idle core slept). Mode "spin": non-blocking
+ * recv in a loop, the same waiting strategy as lamina-net's spin phase.
  *
- * usage: ref_tcp_pingpong SIZE[,SIZE...] ITERATIONS WARMUP
+ * usage: ref_tcp_pingpong block|spin SIZE[,SIZE...] ITERATIONS WARMUP
  * prints one line per size: "size=<bytes> p50_rtt_ns=<ns> p99_rtt_ns=<ns>"
  */
 #define _GNU_SOURCE
@@ -18,6 +21,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <errno.h>
 
 static double now_ns(void) {
   struct timespec ts;
@@ -25,9 +29,12 @@ static double now_ns(void) {
   return ts.tv_sec * 1e9 + ts.tv_nsec;
 }
 
+static int g_spin;
+
 static void io_all(int fd, char *buf, size_t n, int writing) {
   while (n > 0) {
-    ssize_t r = writing ? send(fd, buf, n, MSG_NOSIGNAL) : recv(fd, buf, n, 0);
+    ssize_t r = writing ? send(fd, buf, n, MSG_NOSIGNAL) : recv(fd, buf, n, g_spin ? MSG_DONTWAIT : 0);
+    if (r < 0 && !writing && g_spin && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
     if (r <= 0) { perror(writing ? "send" : "recv"); exit(1); }
     buf += r;
     n -= (size_t)r;
@@ -47,14 +54,15 @@ static void tune(int fd) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s SIZE[,SIZE...] ITERATIONS WARMUP\n", argv[0]);
+  if (argc != 5 || (strcmp(argv[1], "block") && strcmp(argv[1], "spin"))) {
+    fprintf(stderr, "usage: %s block|spin SIZE[,SIZE...] ITERATIONS WARMUP\n", argv[0]);
     return 2;
   }
+  g_spin = strcmp(argv[1], "spin") == 0;
   size_t sizes[64];
   int nsizes = 0;
-  for (char *tok = strtok(argv[1], ","); tok && nsizes < 64; tok = strtok(NULL, ",")) sizes[nsizes++] = strtoull(tok, NULL, 0);
-  int iters = atoi(argv[2]), warmup = atoi(argv[3]);
+  for (char *tok = strtok(argv[2], ","); tok && nsizes < 64; tok = strtok(NULL, ",")) sizes[nsizes++] = strtoull(tok, NULL, 0);
+  int iters = atoi(argv[3]), warmup = atoi(argv[4]);
   size_t max = 1;
   for (int i = 0; i < nsizes; ++i) if (sizes[i] > max) max = sizes[i];
 

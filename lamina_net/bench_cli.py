@@ -163,8 +163,13 @@ def reference_binary(name: str) -> Path | None:
     return None
 
 
-def run_reference(transport: str, sizes: list[int], iterations: int, warmup: int) -> dict[int, dict]:
-    """p50/p99 one-way latency of the plain C reference, by size ({} if unavailable)."""
+def run_reference(transport: str, sizes: list[int], iterations: int, warmup: int,
+                  mode: str = "spin") -> dict[int, dict]:
+    """p50/p99 one-way latency of the plain C reference, by size ({} if unavailable).
+
+    tcp has two modes: "spin" (non-blocking recv in a loop, like lamina-net's
+    spin phase) and "block" (blocking recv); shm always spins.
+    """
     name = {"tcp": "ref_tcp_pingpong", "shm": "ref_shm_pingpong"}.get(transport)
     exe = reference_binary(name) if name else None
     if exe is None:
@@ -172,7 +177,7 @@ def run_reference(transport: str, sizes: list[int], iterations: int, warmup: int
     out = {}
     for size in sizes:
         n = _iterations_for(size, iterations)
-        args = [str(exe)] + (["pingpong"] if transport == "shm" else []) + [str(size), str(n), str(warmup)]
+        args = [str(exe), "pingpong" if transport == "shm" else mode, str(size), str(n), str(warmup)]
         text = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout
         fields = dict(kv.split("=") for kv in text.split())
         out[size] = {"p50_us": float(fields["p50_rtt_ns"]) / 2e3, "p99_us": float(fields["p99_rtt_ns"]) / 2e3}
@@ -273,6 +278,7 @@ def _available_transports() -> list[str]:
 def print_table(records: list[dict], file=sys.stdout) -> None:
     """One row per transport and size: p50/p99 one-way, then each comparison as a ratio."""
     columns = [("ref p50", "ref_p50_us", 9, ".2f"), ("vs ref", "ratio_vs_ref", 7, ".2f"),
+               ("blk ref", "blocking_ref_p50_us", 9, ".2f"), ("vs blk", "ratio_vs_blocking_ref", 7, ".2f"),
                ("memcpy", "memcpy_us", 9, ".2f"), ("vs memcpy", "ratio_vs_memcpy", 9, ".2f")]
     for backend in ("gloo", "nccl"):
         if any(f"ratio_vs_{backend}" in r for r in records):
@@ -286,8 +292,9 @@ def print_table(records: list[dict], file=sys.stdout) -> None:
                         for _, key, width, fmt in columns)
         print(f"{r['transport']:<9} {r['op']:<5} {r['size_bytes']:>9} {r['iterations']:>6} {r['p50_us']:9.2f} "
               f"{r['p99_us']:9.2f}{cells}", file=file)
-    print("vs X = lamina-net p50 / X p50 at the same size, measured in this run (ref: plain C ping-pong "
-          "in bench/; memcpy: one memcpy of that size; gloo/nccl: torch.distributed send/recv)", file=file)
+    print("vs X = lamina-net p50 / X p50 at the same size, measured in this run. ref: plain C ping-pong in "
+          "bench/ that spins like lamina-net; blk ref: the tcp one with blocking recv; memcpy: one memcpy of "
+          "that size; gloo/nccl: torch.distributed send/recv", file=file)
 
 
 def run(args) -> int:
@@ -316,12 +323,17 @@ def run(args) -> int:
     if not args.no_reference:
         memcpy = run_memcpy_reference(sizes, args.iterations, args.warmup)
         refs = {t: run_reference(t, sizes, args.iterations, args.warmup) for t in wanted if t in ("tcp", "shm")}
+        blocking = run_reference("tcp", sizes, args.iterations, args.warmup, "block") if "tcp" in wanted else {}
         for r in records:
             ref = refs.get(r["transport"], {}).get(r["size_bytes"])
             if ref:
                 r["ref_p50_us"] = ref["p50_us"]
                 r["ref_p99_us"] = ref["p99_us"]
                 r["ratio_vs_ref"] = r["p50_us"] / ref["p50_us"] if ref["p50_us"] > 0 else None
+            block = blocking.get(r["size_bytes"]) if r["transport"] == "tcp" else None
+            if block:
+                r["blocking_ref_p50_us"] = block["p50_us"]
+                r["ratio_vs_blocking_ref"] = r["p50_us"] / block["p50_us"] if block["p50_us"] > 0 else None
             if r["transport"] == "shm" and r["size_bytes"] in memcpy:
                 r["memcpy_us"] = memcpy[r["size_bytes"]]
                 r["ratio_vs_memcpy"] = r["p50_us"] / memcpy[r["size_bytes"]] if memcpy[r["size_bytes"]] > 0 else None
