@@ -293,6 +293,9 @@ class Channel:
     def __init__(self, endpoint: "Endpoint", handle: "_core.Channel"):
         self._endpoint = endpoint
         self._handle = handle
+        # Posted receives keep their buffers alive here until they complete,
+        # even if the caller drops the Handle.
+        self._pending_recvs: list = []
 
     @property
     def peer(self) -> int:
@@ -386,13 +389,16 @@ class Channel:
         """Posts a receive into ``out``; the handle's result is the message size in bytes.
 
         Receives complete in posting order. A message larger than ``out`` fails
-        that receive with UsageError (the message is dropped).
+        that receive with UsageError (the message is dropped). A wait that times
+        out withdraws the receive, so the next message goes to the next one.
         """
         buf = as_buffer(out, writable=True)
         if buf.cuda:
             raise UsageError("send/recv of CUDA memory is not supported yet; use put into a registered region")
         op = self._live().recv(buf.ptr, buf.nbytes)
-        return Handle(self, op, f"recv into {buf.nbytes} bytes", buf.owner, "value")
+        handle = Handle(self, op, f"recv into {buf.nbytes} bytes", buf.owner, "value")
+        self._pending_recvs = [h for h in self._pending_recvs if not h._op.done] + [handle]
+        return handle
 
     def recv(self, out, timeout: Optional[float] = None) -> int:
         """Blocks until the next message arrives in ``out``; returns its size in bytes."""
@@ -415,7 +421,8 @@ class Channel:
     def close(self) -> None:
         """Closes the channel; the peer sees 'closed'. Idempotent."""
         if self._handle is not None:
-            self._handle.close()
+            self._handle.close()  # after this the transport writes into no buffer
+            self._pending_recvs = []
 
     def __enter__(self):
         return self

@@ -160,6 +160,24 @@ def timeouts(rank, world, store, transport):
         except ln.TimeoutError as e:
             errors.append(str(e))
         elapsed = time.monotonic() - t0
+        # The timed-out receive was withdrawn: waiting on it again fails at once,
+        # and the next message goes to the next receive.
+        h = ch.irecv(np.zeros(8, np.uint8))
+        try:
+            h.wait(0.2)
+        except ln.TimeoutError:
+            pass
+        t1 = time.monotonic()
+        try:
+            h.wait(30)
+            errors.append("no error on a withdrawn receive")
+        except ln.TimeoutError as e:
+            assert "withdrawn" in str(e) and time.monotonic() - t1 < 1.0, e
+        ep.barrier("sync")
+        ch.send(np.array([rank + 100], np.int64))
+        got = np.zeros(1, np.int64)
+        ch.recv(got, timeout=10)
+        assert got[0] == peer + 100, got
         ep.barrier("end")
         return errors, elapsed
 

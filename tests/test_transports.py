@@ -40,7 +40,7 @@ def test_timeouts_are_bounded_and_named(transport):
     out = assert_all_ok(run_ranks(_workers.timeouts, args=(transport,)))
     for errors, elapsed in out.values():
         assert len(errors) == 3, errors
-        assert "recv" in errors[0] and "did not complete" in errors[0]
+        assert "recv" in errors[0] and "did not complete" in errors[0] and "withdrawn" in errors[0]
         assert "signal" in errors[1] and "value is 0" in errors[1]
         assert "never-published" in errors[2]
         assert elapsed < 5.0

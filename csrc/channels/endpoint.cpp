@@ -65,6 +65,12 @@ bool contains(const std::vector<std::string>& v, const std::string& x) {
 
 // ------------------------------------------------------------------ Channel
 
+namespace {
+[[noreturn]] void throw_op_error(const OpState& op) {
+  throw Error(op.error_kind(), op.error());
+}
+}  // namespace
+
 Channel::Channel(Endpoint* endpoint, int peer, std::string transport, std::unique_ptr<Connection> connection)
     : endpoint_(endpoint), peer_(peer), transport_(std::move(transport)), connection_(std::move(connection)) {}
 
@@ -144,6 +150,7 @@ OpRef Channel::recv(void* buffer, uint64_t capacity) {
   if (closed_.load()) throw_usage("channel to rank " + std::to_string(peer_) + " is closed");
   if (capacity > 0 && buffer == nullptr) throw_usage("recv: null buffer");
   auto op = std::make_shared<OpState>();
+  op->is_recv = true;
   connection_->post_recv(buffer, capacity, op);
   return op;
 }
@@ -161,26 +168,36 @@ void Channel::wait(const OpRef& op, double timeout_s, const std::string& what) {
   Connection* conn = connection_.get();
   endpoint_->wait_until(
       [&] { return op->done() || conn->failed(nullptr); }, Deadline::after_seconds(bound), {conn});
-  if (op->failed()) {
-    if (op->error_kind() == ErrorKind::kUsage) throw_usage(op->error());
-    throw_system(op->error());
-  }
+  if (op->failed()) throw_op_error(*op);
   if (op->done()) return;
   std::string why;
   if (conn->failed(&why)) throw_system(why);
+  std::string withdrawn;
+  if (op->is_recv) {
+    // A timed-out receive must not keep a buffer the caller may free, nor
+    // swallow the next message: withdraw it. If a message is being written
+    // into it right now, let that finish (bounded), else close the channel.
+    if (conn->cancel_recv(op)) {
+      withdrawn = "; the receive was withdrawn";
+      op->fail(what + " timed out and was withdrawn", ErrorKind::kTimeout);
+    } else {
+      endpoint_->wait_until([&] { return op->done() || conn->failed(nullptr); },
+                            Deadline::after_seconds(endpoint_->default_timeout()), {conn});
+      if (op->done()) return wait(op, 0, what);
+      close();
+      withdrawn = "; a message was still arriving into it, so the channel was closed";
+    }
+  }
   char buf[64];
   std::snprintf(buf, sizeof(buf), "%.3g", bound);
   throw_timeout(what + " on the " + transport_ + " channel to rank " + std::to_string(peer_) +
-                " did not complete within " + buf + " s");
+                " did not complete within " + buf + " s" + withdrawn);
 }
 
 bool Channel::test(const OpRef& op) {
   if (!op) return true;
   if (!op->done()) connection_->progress();
-  if (op->failed()) {
-    if (op->error_kind() == ErrorKind::kUsage) throw_usage(op->error());
-    throw_system(op->error());
-  }
+  if (op->failed()) throw_op_error(*op);
   if (op->done()) return true;
   std::string why;
   if (connection_->failed(&why)) throw_system(why);

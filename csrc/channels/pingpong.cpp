@@ -20,6 +20,18 @@ std::vector<double> run_pingpong(Endpoint& endpoint, Channel& channel, const Pin
   // the peer writes into would add cache-line traffic that is not the
   // transport's.
   std::vector<char> source(config.size, 1);
+  // Registered, so that transports that need it (verbs) send it zero-copy.
+  auto source_region = endpoint.register_memory(source.data(), source.size(), kAccessLocal, MemoryKind::kHost, -1);
+  struct Deregister {
+    Endpoint& endpoint;
+    uint64_t id;
+    ~Deregister() {
+      try {
+        endpoint.deregister(id, 5.0);
+      } catch (...) {  // never throw from a destructor; the endpoint cleans up at close
+      }
+    }
+  } deregister{endpoint, source_region->id};
 
   auto send_one = [&] {
     if (use_put) {

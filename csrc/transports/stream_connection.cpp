@@ -347,6 +347,19 @@ void StreamConnection::post_recv(void* buffer, uint64_t capacity, const OpRef& d
   done->complete(message.size());
 }
 
+bool StreamConnection::cancel_recv(const OpRef& op) {
+  std::lock_guard<std::mutex> lock(msg_mutex_);
+  // Receives still queued here have not been touched; the one being filled
+  // was already taken off the queue by the rx path.
+  for (auto it = posted_recvs_.begin(); it != posted_recvs_.end(); ++it) {
+    if (it->op == op) {
+      posted_recvs_.erase(it);
+      return true;
+    }
+  }
+  return false;
+}
+
 void StreamConnection::post_flush(const OpRef& done, Deadline deadline) {
   throw_if_failed();
   FrameHeader h;

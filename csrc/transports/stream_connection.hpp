@@ -84,6 +84,7 @@ class StreamConnection : public Connection {
   void post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) override;
   void post_send(const void* data, uint64_t len, const OpRef& done, Deadline deadline) override;
   void post_recv(void* buffer, uint64_t capacity, const OpRef& done) override;
+  bool cancel_recv(const OpRef& op) override;
   void post_flush(const OpRef& done, Deadline deadline) override;
   bool progress() override;
   bool needs_source_region() const override { return false; }

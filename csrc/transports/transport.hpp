@@ -48,6 +48,8 @@ class OpState {
   bool done() const { return state_.load(std::memory_order_acquire) != kPending; }
   bool failed() const { return state_.load(std::memory_order_acquire) == kFailed; }
   int state() const { return state_.load(std::memory_order_acquire); }
+  // Set by the poster of a receive: a wait that times out withdraws it.
+  bool is_recv = false;
   // Result: bytes received (recv), old value (atomic add), 0 otherwise.
   uint64_t value() const { return value_; }
   std::string error() const {
@@ -134,8 +136,13 @@ class Connection {
   // returns (local completion); done (nullable) completes then too.
   virtual void post_send(const void* data, uint64_t len, const OpRef& done, Deadline deadline) = 0;
   // Posts a receive buffer; receives complete in posting order, each with the
-  // next message. A message longer than `capacity` fails the connection.
+  // next message. A message longer than `capacity` fails that receive (kUsage)
+  // and is dropped; the connection goes on.
   virtual void post_recv(void* buffer, uint64_t capacity, const OpRef& done) = 0;
+  // Withdraws a posted receive that no message has started to fill; true if
+  // withdrawn (the transport never touches its buffer again), false if it is
+  // done or a message is being written into it right now.
+  virtual bool cancel_recv(const OpRef& op) = 0;
   // done completes when every operation posted before it is applied at the target.
   virtual void post_flush(const OpRef& done, Deadline deadline) = 0;
 

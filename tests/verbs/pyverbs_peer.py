@@ -145,8 +145,6 @@ def run(store, prefix, device_name):
     inbox = MR(pd, 4096, local_rw | e.IBV_ACCESS_REMOTE_WRITE)  # lamina-net writes credits / close here
     staging = MR(pd, PAYLOAD_BYTES + 64, local_rw)
     recv_buf = MR(pd, 4096, local_rw)
-    qp.post_recv(RecvWR(wr_id=1, num_sge=1, sg=[SGE(recv_buf.buf, 4096, recv_buf.lkey)]))
-
     psn = random.getrandbits(24)
     info = QP_INFO.pack(QP_INFO_MAGIC, 1, qp.qp_num, psn, port_attr.lid, port_attr.active_mtu,
                         port_attr.link_layer, gid_raw, 1, 4096, inbox.buf, inbox.rkey, secret_hi, secret_lo)
@@ -162,6 +160,7 @@ def run(store, prefix, device_name):
     attr.pkey_index = 0
     attr.qp_access_flags = remote_all | e.IBV_ACCESS_REMOTE_READ
     qp.modify(attr, e.IBV_QP_STATE | e.IBV_QP_PKEY_INDEX | e.IBV_QP_PORT | e.IBV_QP_ACCESS_FLAGS)
+    qp.post_recv(RecvWR(wr_id=1, num_sge=1, sg=[SGE(recv_buf.buf, 4096, recv_buf.lkey)]))  # needs INIT
     attr = QPAttr(qp_state=e.IBV_QPS_RTR)
     attr.path_mtu = min(peer_mtu, port_attr.active_mtu)
     attr.dest_qp_num = peer_qpn
@@ -176,7 +175,7 @@ def run(store, prefix, device_name):
               e.IBV_QP_MAX_DEST_RD_ATOMIC | e.IBV_QP_MIN_RNR_TIMER)
     attr = QPAttr(qp_state=e.IBV_QPS_RTS)
     attr.timeout = int(os.environ.get("LAMINA_NET_IB_TIMEOUT", "14"))
-    attr.retry_cnt = 7
+    attr.retry_cnt = 6
     attr.rnr_retry = 7
     attr.sq_psn = psn
     attr.max_rd_atomic = 1

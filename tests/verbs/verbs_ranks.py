@@ -6,17 +6,19 @@ each rank has its own lamina-net endpoint, QPs and memory registrations.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
-import queue as queue_mod
 import signal
-import socket
+import sys
 import time
-import traceback
 
 import numpy as np
 
 import lamina_net as ln
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _workers  # noqa: E402  (tests/: shared rank bodies)
+from harness import assert_all_ok, free_port  # noqa: E402,F401
+from harness import run_ranks as _run_ranks  # noqa: E402
 
 VERBS = "verbs"
 
@@ -29,55 +31,9 @@ def verbs_skip_reason() -> str | None:
     return f"no usable RDMA device ({why}); run scripts/softroce/test.sh to test verbs in a Soft-RoCE guest"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(results, fn, rank, world, store, args):
-    try:
-        results.put((rank, "ok", fn(rank, world, store, *args)))
-    except BaseException as e:  # reported to the parent, which asserts on it
-        results.put((rank, "error", (type(e).__name__, str(e), traceback.format_exc())))
-
-
 def run_ranks(fn, world: int = 2, args: tuple = (), timeout: float = 180.0, may_die=()) -> dict:
-    """Runs fn(rank, world, store, *args) in `world` spawned processes.
-
-    Returns {rank: value}; raises AssertionError with the remote traceback if a
-    rank failed, or if one outside `may_die` did not report within `timeout`.
-    """
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    store = f"127.0.0.1:{free_port()}"
-    procs = {r: ctx.Process(target=_entry, args=(results, fn, r, world, store, args), daemon=True)
-             for r in range(world)}
-    for p in procs.values():
-        p.start()
-    reported: dict = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while any(r not in reported and (r not in may_die or procs[r].is_alive()) for r in range(world)):
-            try:
-                rank, status, value = results.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-                reported[rank] = (status, value)
-            except queue_mod.Empty:
-                if time.monotonic() > deadline:
-                    break
-    finally:
-        for p in procs.values():
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    missing = [r for r in range(world) if r not in reported and r not in may_die]
-    assert not missing, f"ranks {missing} did not report within {timeout} s"
-    out = {}
-    for rank, (status, value) in sorted(reported.items()):
-        assert status == "ok", f"rank {rank} failed: {value[0]}: {value[1]}\n{value[2]}"
-        out[rank] = value
-    return out
+    """Runs fn(rank, world, store, *args) in spawned processes; {rank: value} once all succeeded."""
+    return assert_all_ok(_run_ranks(fn, world, args, timeout, expect_dead=may_die))
 
 
 def endpoint(rank, world, store, group, timeout=30.0) -> ln.Endpoint:
@@ -92,37 +48,8 @@ def digest(array) -> str:
 
 
 def every_operation(rank, world, store):
-    """put, put+signal, iput, atomic add, send/recv, flush; both directions."""
-    peer = 1 - rank
-    with endpoint(rank, world, store, "every-op") as ep:
-        buf = np.zeros(1 << 16, np.uint8)
-        sig = np.zeros(4, np.uint64)
-        rbuf, rsig = ep.register(buf, ln.Access.REMOTE_WRITE), ep.register(sig, ln.Access.REMOTE_ATOMIC)
-        ep.publish("buf", rbuf)
-        ep.publish("sig", rsig)
-        ch = ep.channel(peer, VERBS)
-        assert ch.transport == VERBS
-        pbuf, psig = ep.lookup(peer, "buf"), ep.lookup(peer, "sig")
-        payload = (np.arange(1000, dtype=np.uint32) * (rank + 3)).view(np.uint8)
-        ch.put(payload, pbuf, 100, signal=psig, signal_offset=0, signal_add=1)
-        rsig.wait(0, 1, timeout=20, channel=ch)
-        expected = (np.arange(1000, dtype=np.uint32) * (peer + 3)).view(np.uint8)
-        assert np.array_equal(buf[100:4100], expected)
-        h = ch.iput(payload[:16], pbuf, 8000)
-        h.wait(20)
-        assert h.done
-        old = ch.atomic_add(psig, 8, 7)
-        old2 = ch.atomic_add(psig, 8, 5)
-        assert old2 == old + 7
-        ch.send(np.array([rank, 42], np.int64))
-        out = np.zeros(2, np.int64)
-        n = ch.recv(out, timeout=20)
-        assert n == 16 and out.tolist() == [peer, 42]
-        ch.flush(timeout=20)
-        ep.barrier("after")
-        assert sig[1] == 12  # the peer added 7 and 5 here
-        assert np.array_equal(buf[8000:8016], expected[:16])
-        return int(sig[0])
+    """put, put+signal, iput, atomic add, send/recv, flush; both directions (the tier-0 body, over verbs)."""
+    return _workers.every_op(rank, world, store, VERBS)
 
 
 def put_sizes(rank, world, store, sizes, seed):
@@ -284,7 +211,7 @@ def timeouts(rank, world, store):
         out = {}
         if rank == 0:
             t0 = time.monotonic()
-            stale = np.zeros(8, np.uint8)  # a timed-out receive stays posted: keep its buffer alive
+            stale = np.zeros(8, np.uint8)  # withdrawn when its wait times out
             try:
                 ch.recv(stale, timeout=0.5)
                 raise AssertionError("recv returned without a message")
@@ -323,8 +250,8 @@ def timeouts(rank, world, store):
                 except ln.TimeoutError:
                     break
             ep.barrier("drained")
-            # The pending receive from the loop gets the final message.
-            n = h.wait(20)
+            # The loop's last receive timed out and was withdrawn: a new one gets the final message.
+            n = ch.recv(buf, timeout=20)
             assert n == 8 and buf[:8].view(np.uint64)[0] == 77
             out["drained"] = drained
         ep.barrier("end")

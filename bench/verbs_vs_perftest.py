@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""lamina-net verbs against perftest, side by side on one RDMA device.
+
+Latency: ``lamina-net bench latency --transport verbs`` (put-with-signal
+ping-pong, one-way = half the round trip, p50) against perftest's
+``ib_write_lat`` (RDMA WRITE ping-pong, t_typical = median one-way).
+Bandwidth: a stream of lamina-net ``iput``s from a registered source (a
+window of outstanding handles, then a flush) against ``ib_write_bw`` (BW
+average). Both at the same sizes, in the same run, so compare the ratios, not
+the absolute numbers (under Soft-RoCE in an emulated guest they are slow).
+
+Run it where an RDMA device exists, e.g. in the Soft-RoCE guest:
+    scripts/softroce/run-in-guest.sh '.venv/bin/python bench/verbs_vs_perftest.py'
+or together with the tests: scripts/softroce/test.sh --bench
+
+Options: --sizes 8,64,... --iterations N --json PATH
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+DEFAULT_SIZES = [8, 64, 512, 4096, 32768, 65536, 262144, 1048576]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device() -> tuple[str, int, int]:
+    """(device, port, gid index) the way lamina-net picks them: RoCE v2 + IPv4-mapped first."""
+    device = os.environ.get("LAMINA_NET_IB_DEVICE") or sorted(os.listdir("/sys/class/infiniband"))[0]
+    port = int(os.environ.get("LAMINA_NET_IB_PORT") or 1)
+    if os.environ.get("LAMINA_NET_IB_GID_INDEX", "-1") not in ("", "-1"):
+        return device, port, int(os.environ["LAMINA_NET_IB_GID_INDEX"])
+    base = f"/sys/class/infiniband/{device}/ports/{port}"
+    best = (0, 0)
+    for name in sorted(os.listdir(f"{base}/gids"), key=int):
+        try:
+            gid = open(f"{base}/gids/{name}").read().strip()
+            kind = open(f"{base}/gid_attrs/types/{name}").read().strip()
+        except OSError:
+            continue
+        if gid.replace(":", "").strip("0") == "":
+            continue
+        score = 3 if kind == "RoCE v2" and gid.startswith("0000:0000:0000:0000:0000:ffff") else \
+            2 if kind == "RoCE v2" else 1
+        if score > best[0]:
+            best = (score, int(name))
+    return device, port, best[1]
+
+
+def run_perftest(tool: str, device: str, port: int, gid: int, size: int, iterations: int) -> dict:
+    """Runs the perftest server and client on this host; returns the client's result row."""
+    tcp_port = free_port()
+    common = [tool, "-d", device, "-i", str(port), "-x", str(gid), "-s", str(size), "-n", str(iterations),
+              "-F", "-p", str(tcp_port)]
+    if tool == "ib_write_bw":
+        common.append("--report_gbits")
+    server = subprocess.Popen(common, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        output = ""
+        for _ in range(50):  # the server needs a moment to listen
+            time.sleep(0.3)
+            client = subprocess.run(common + ["127.0.0.1"], capture_output=True, text=True, timeout=300)
+            output = client.stdout + client.stderr
+            if client.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{tool} client failed:\n{output}")
+    finally:
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    header, row = None, None
+    for line in output.splitlines():
+        if line.strip().startswith("#bytes"):
+            header = re.split(r"\s{2,}", line.strip())
+        elif header and re.match(r"^\s*\d+\s+\d+", line):
+            row = line.split()
+    if not row:
+        raise RuntimeError(f"could not parse {tool} output:\n{output}")
+    if tool == "ib_write_lat":
+        # #bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%
+        return {"typical_us": float(row[4]), "avg_us": float(row[5]), "p99_us": float(row[7])}
+    # #bytes #iterations BW peak[Gb/sec] BW average[Gb/sec] MsgRate[Mpps]
+    return {"gbps": float(row[3]), "mpps": float(row[4])}
+
+
+def lamina_latency(sizes: list[int], iterations: int, op: str, spin_us: int) -> dict[int, dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "lat.json")
+        cmd = [sys.executable, "-m", "lamina_net", "bench", "latency", "--transport", "verbs", "--op", op,
+               "--sizes", ",".join(map(str, sizes)), "--iterations", str(iterations), "--warmup", "20",
+               "--no-reference", "--baseline", "none", "--json", path]
+        # perftest busy-polls; let lamina-net's waits spin as long (they sleep after SPIN_US otherwise).
+        env = dict(os.environ, LAMINA_NET_SPIN_US=str(spin_us))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"lamina-net bench failed:\n{proc.stdout}\n{proc.stderr}")
+        return {r["size_bytes"]: r for r in json.load(open(path)) if r["transport"] == "verbs"}
+
+
+def _bandwidth_rank(rank: int, store: str, sizes: list[int], total_bytes: int, window: int, results) -> None:
+    try:
+        import lamina_net as ln
+
+        with ln.Endpoint(rank, 2, store, group="bw", timeout=120, transports=("verbs",)) as ep:
+            max_size = max(sizes)
+            target = np.zeros(max_size, np.uint8)
+            source = np.ones(max_size, np.uint8)
+            rt = ep.register(target, ln.Access.REMOTE_WRITE)
+            rsrc = ep.register(source, ln.Access.LOCAL)
+            ep.publish("t", rt)
+            ch = ep.channel(1 - rank, "verbs")
+            pt = ep.lookup(1 - rank, "t")
+            out = {}
+            for size in sizes:
+                count = max(64, min(20000, total_bytes // size))
+                ep.barrier(f"bw-{size}")
+                if rank == 0:
+                    for _ in range(16):  # warm-up
+                        ch.put(rsrc, pt, 0, nbytes=size)
+                    ch.flush()
+                    pending = []
+                    t0 = time.perf_counter()
+                    for _ in range(count):
+                        pending.append(ch.iput(rsrc, pt, 0, nbytes=size))
+                        if len(pending) >= window:
+                            pending.pop(0).wait()
+                    ch.flush()
+                    elapsed = time.perf_counter() - t0
+                    out[size] = {"gbps": size * count * 8 / elapsed / 1e9, "mpps": count / elapsed / 1e6}
+                ep.barrier(f"bw-{size}-done")
+            results.put((rank, out))
+    except BaseException as e:
+        results.put((rank, f"{type(e).__name__}: {e}"))
+
+
+def lamina_bandwidth(sizes: list[int], total_bytes: int, window: int = 32) -> dict[int, dict]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = f"127.0.0.1:{free_port()}"
+    procs = [ctx.Process(target=_bandwidth_rank, args=(r, store, sizes, total_bytes, window, results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=1800) for _ in procs)
+    for p in procs:
+        p.join(30)
+    for rank, value in got.items():
+        if isinstance(value, str):
+            raise RuntimeError(f"bandwidth rank {rank}: {value}")
+    return got[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
+    parser.add_argument("--iterations", type=int, default=500, help="latency round trips per size")
+    parser.add_argument("--bw-bytes", type=int, default=64 << 20, help="bytes streamed per bandwidth size")
+    parser.add_argument("--json", help="write all numbers as JSON")
+    parser.add_argument("--spin-us", type=int, default=20000,
+                        help="LAMINA_NET_SPIN_US for the latency runs (default 20000: busy-poll like perftest)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    sys.path.insert(0, REPO)
+    import lamina_net as ln
+
+    ok, why = ln._core.verbs_available()
+    if not ok:
+        print(f"verbs_vs_perftest: no RDMA device ({why}); run it in the Soft-RoCE guest", file=sys.stderr)
+        return 2
+    for tool in ("ib_write_lat", "ib_write_bw"):
+        if shutil.which(tool) is None:
+            print(f"verbs_vs_perftest: {tool} not found (apt-get install perftest)", file=sys.stderr)
+            return 2
+    device, port, gid = pick_device()
+    print(f"device {device} port {port} gid index {gid}; IB_TIMEOUT={os.environ.get('LAMINA_NET_IB_TIMEOUT', '14')}")
+
+    lat = lamina_latency(sizes, args.iterations, "put", args.spin_us)
+    lat_send = lamina_latency(sizes, args.iterations, "send", args.spin_us)
+    perf_lat = {}
+    for s in sizes:
+        for _ in range(3):  # under emulation perftest's cycle calibration sometimes yields inf
+            perf_lat[s] = run_perftest("ib_write_lat", device, port, gid, s, args.iterations)
+            if perf_lat[s]["typical_us"] < float("inf"):
+                break
+    bw = lamina_bandwidth(sizes, args.bw_bytes)
+    perf_bw = {s: run_perftest("ib_write_bw", device, port, gid, s, max(64, min(5000, args.bw_bytes // s)))
+               for s in sizes}
+
+    print("\nLatency, one-way, microseconds (lamina: p50 of put+signal and of send/recv ping-pongs; "
+          "perftest: ib_write_lat t_typical)")
+    print(f"{'bytes':>9} {'put+signal':>11} {'p99':>9} {'send/recv':>10} {'ib_write_lat':>13} "
+          f"{'put ratio':>10} {'send ratio':>11}")
+    for s in sizes:
+        ref = perf_lat[s]["typical_us"]
+        print(f"{s:>9} {lat[s]['p50_us']:>11.2f} {lat[s]['p99_us']:>9.2f} {lat_send[s]['p50_us']:>10.2f} "
+              f"{ref:>13.2f} {lat[s]['p50_us'] / ref:>9.2f}x {lat_send[s]['p50_us'] / ref:>10.2f}x")
+    print("\nBandwidth, Gb/s (lamina: iput stream, window 32, registered source; perftest: ib_write_bw average)")
+    print(f"{'bytes':>9} {'lamina':>9} {'ib_write_bw':>12} {'ratio':>7}")
+    for s in sizes:
+        ratio = bw[s]["gbps"] / perf_bw[s]["gbps"] if perf_bw[s]["gbps"] else float("nan")
+        print(f"{s:>9} {bw[s]['gbps']:>9.3f} {perf_bw[s]['gbps']:>12.3f} {ratio:>6.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "gid_index": gid, "lamina_latency": lat, "lamina_send_latency": lat_send,
+                       "ib_write_lat": perf_lat,
+                       "lamina_bandwidth": bw, "ib_write_bw": perf_bw}, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
