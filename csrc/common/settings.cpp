@@ -21,12 +21,12 @@ const std::vector<SettingInfo>& all_settings() {
       {"MAX_UNEXPECTED_BYTES", "67108864", "bytes of received messages buffered per channel before a matching recv is posted; beyond it the sender is back-pressured"},
       {"IB_DEVICE", "", "verbs device name (default: first with an active port)"},
       {"IB_PORT", "0", "verbs port number (0: first active)"},
-      {"IB_GID_INDEX", "-1", "verbs GID index (-1: first RoCE v2 GID)"},
+      {"IB_GID_INDEX", "-1", "verbs GID index (-1: first RoCE v2 GID with an IPv4-mapped address, else first RoCE v2)"},
       {"IB_QUEUE_DEPTH", "256", "verbs send queue depth per channel"},
       {"IB_RECV_DEPTH", "32", "verbs pre-posted receive buffers per channel (the peer's send credits)"},
-      {"IB_CHUNK_SIZE", "32768", "verbs receive buffer and staging chunk bytes"},
+      {"IB_CHUNK_SIZE", "32768", "verbs bounce-buffer/fragment bytes; registered puts above it are zero-copy"},
       {"IB_TIMEOUT", "14", "verbs local ACK timeout exponent (4.096 us * 2^n)"},
-      {"IB_RETRY_CNT", "6", "verbs transport retries before a work completion error"},
+      {"IB_RETRY_CNT", "6", "verbs transport retries before a work request fails (rxe retries forever at 7)"},
       {"IB_KEEPALIVE_MS", "1000", "verbs idle keepalive period, to notice a dead peer (0: off)"},
   };
   return settings;

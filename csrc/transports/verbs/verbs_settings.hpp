@@ -21,10 +21,8 @@
 
 namespace lamina::verbs {
 
-// Names registered in csrc/common/settings.cpp are read through the registry
-// (so `lamina-net info` lists them); the others straight from the environment.
-// TODO(settings): register IB_TIMEOUT, IB_RETRY_CNT, IB_QUEUE_DEPTH,
-// IB_RECV_DEPTH, IB_CHUNK_SIZE, IB_KEEPALIVE_MS; then this fallback goes away.
+// Every IB_* name is registered in csrc/common/settings.cpp (so `lamina-net
+// info` lists it); an unregistered name still falls back to the environment.
 inline std::string ib_setting_string(const char* name) {
   try {
     return setting_string(name);
