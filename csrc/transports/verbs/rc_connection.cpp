@@ -715,24 +715,29 @@ void RcConnection::deliver_locked() {
   }
 }
 
+uint64_t RcConnection::write_inbox_word_locked(int scratch_slot, uint64_t value, size_t inbox_offset, WrKind kind) {
+  uint64_t* source = scratch_word(scratch_slot);
+  *source = value;
+  ibv_sge sge{reinterpret_cast<uint64_t>(source), sizeof(uint64_t), scratch_->lkey()};
+  ibv_send_wr wr{};
+  wr.opcode = IBV_WR_RDMA_WRITE;
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  wr.wr.rdma.remote_addr = peer_inbox_addr_ + inbox_offset;
+  wr.wr.rdma.rkey = peer_inbox_rkey_;
+  InFlight entry;
+  entry.kind = kind;
+  return post_wr_locked(wr, std::move(entry), true);
+}
+
 void RcConnection::return_credits_locked() {
   const uint64_t unannounced = credits_granted_ - credits_announced_;
   // Batch the updates; the sender cannot be starved by the batching because
   // it only blocks when it used every credit, i.e. when we hold a full batch.
   const uint64_t batch = std::max<uint32_t>(1, recv_depth_ / 4);
   if (credit_write_in_flight_ || unannounced < batch || send_queue_free() == 0) return;
-  uint64_t* source = scratch_word(0);
-  *source = credits_granted_;  // not in flight (single outstanding update), safe to rewrite
-  ibv_sge sge{reinterpret_cast<uint64_t>(source), sizeof(uint64_t), scratch_->lkey()};
-  ibv_send_wr wr{};
-  wr.opcode = IBV_WR_RDMA_WRITE;
-  wr.sg_list = &sge;
-  wr.num_sge = 1;
-  wr.wr.rdma.remote_addr = peer_inbox_addr_ + offsetof(Inbox, credits_granted);
-  wr.wr.rdma.rkey = peer_inbox_rkey_;
-  InFlight entry;
-  entry.kind = WrKind::kCredit;
-  post_wr_locked(wr, std::move(entry), true);
+  // Slot 0 is not in flight (single outstanding update), so it is safe to rewrite.
+  write_inbox_word_locked(0, credits_granted_, offsetof(Inbox, credits_granted), WrKind::kCredit);
   credit_write_in_flight_ = true;
   credits_announced_ = credits_granted_;
 }
@@ -1058,19 +1063,8 @@ void RcConnection::close() {
     if (closed_) return;
     if (connected_ && !peer_closed_ && !failed_.load() && send_queue_free() >= 1) {
       // Tell the peer, so it fails fast instead of by retry timeout. Best effort, bounded.
-      uint64_t* source = scratch_word(1);
-      *source = 1;
-      ibv_sge sge{reinterpret_cast<uint64_t>(source), sizeof(uint64_t), scratch_->lkey()};
-      ibv_send_wr wr{};
-      wr.opcode = IBV_WR_RDMA_WRITE;
-      wr.sg_list = &sge;
-      wr.num_sge = 1;
-      wr.wr.rdma.remote_addr = peer_inbox_addr_ + offsetof(Inbox, peer_closed);
-      wr.wr.rdma.rkey = peer_inbox_rkey_;
-      InFlight entry;
-      entry.kind = WrKind::kCloseNotice;
       try {
-        const uint64_t seq = post_wr_locked(wr, std::move(entry), true);
+        const uint64_t seq = write_inbox_word_locked(1, 1, offsetof(Inbox, peer_closed), WrKind::kCloseNotice);
         const uint64_t give_up = now_ns() + kCloseNoticeWaitNs;
         while (!failed_.load() && !in_flight_.empty() && in_flight_.front().seq <= seq && now_ns() < give_up) {
           progress_locked();

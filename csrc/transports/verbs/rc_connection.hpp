@@ -204,6 +204,9 @@ class RcConnection final : public Connection {
   // Posts one WR described by `wr` (wr_id/flags filled here); the caller made
   // sure a send-queue slot is free. Returns the WR's sequence number.
   uint64_t post_wr_locked(ibv_send_wr& wr, InFlight entry, bool must_signal);
+  // RDMA-WRITEs one u64 (from scratch slot `scratch_slot`) into the peer's inbox at
+  // `inbox_offset`; returns the WR's sequence number.
+  uint64_t write_inbox_word_locked(int scratch_slot, uint64_t value, size_t inbox_offset, WrKind kind);
   // Posts a chain of `count` WRs with one ibv_post_send; returns the last sequence number.
   uint64_t post_wrs_locked(ibv_send_wr* wrs, InFlight* entries, int count, bool must_signal_last);
   // Drives progress until ready() or the deadline (kTimeout naming the op).
