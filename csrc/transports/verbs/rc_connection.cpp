@@ -746,14 +746,19 @@ void RcConnection::maybe_probe_locked() {
   if (config_.keepalive_ms == 0 || send_queue_free() == 0) return;
   if (pending_recvs_.empty() && !waiting_for_peer_) return;
   if (now_ns() - last_post_ns_ < uint64_t(config_.keepalive_ms) * 1'000'000) return;
+  post_empty_write_locked(WrKind::kProbe, nullptr);
+}
+
+uint64_t RcConnection::post_empty_write_locked(WrKind kind, const OpRef& done) {
   ibv_send_wr wr{};
   wr.opcode = IBV_WR_RDMA_WRITE;
   wr.num_sge = 0;
   wr.wr.rdma.remote_addr = peer_inbox_addr_;
   wr.wr.rdma.rkey = peer_inbox_rkey_;
   InFlight entry;
-  entry.kind = WrKind::kProbe;
-  post_wr_locked(wr, std::move(entry), true);
+  entry.kind = kind;
+  entry.done = done;
+  return post_wr_locked(wr, std::move(entry), true);
 }
 
 // ---------------------------------------------------------------- posting
@@ -1038,15 +1043,7 @@ void RcConnection::post_flush(const OpRef& done, Deadline deadline) {
     return;
   }
   wait_locked(lock, deadline, "flush", 0, [&] { return send_queue_free() >= 1; });
-  ibv_send_wr wr{};
-  wr.opcode = IBV_WR_RDMA_WRITE;
-  wr.num_sge = 0;
-  wr.wr.rdma.remote_addr = peer_inbox_addr_;
-  wr.wr.rdma.rkey = peer_inbox_rkey_;
-  InFlight entry;
-  entry.kind = WrKind::kFlush;
-  entry.done = done;
-  post_wr_locked(wr, std::move(entry), true);
+  post_empty_write_locked(WrKind::kFlush, done);
 }
 
 // ---------------------------------------------------------------- close

@@ -207,6 +207,9 @@ class RcConnection final : public Connection {
   // RDMA-WRITEs one u64 (from scratch slot `scratch_slot`) into the peer's inbox at
   // `inbox_offset`; returns the WR's sequence number.
   uint64_t write_inbox_word_locked(int scratch_slot, uint64_t value, size_t inbox_offset, WrKind kind);
+  // A signaled zero-length RDMA WRITE to the peer's inbox (keepalive probe,
+  // flush): its completion means everything before it was acknowledged.
+  uint64_t post_empty_write_locked(WrKind kind, const OpRef& done);
   // Posts a chain of `count` WRs with one ibv_post_send; returns the last sequence number.
   uint64_t post_wrs_locked(ibv_send_wr* wrs, InFlight* entries, int count, bool must_signal_last);
   // Drives progress until ready() or the deadline (kTimeout naming the op).
