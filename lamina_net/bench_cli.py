@@ -26,8 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lat = sub.add_parser("latency", help="ping-pong one-way latency (p50/p99) per transport and size")
     lat.add_argument("--transport", default="all",
                      help="comma-separated: tcp, shm, verbs, or all (the available ones); default all")
-    lat.add_argument("--op", default="put", choices=["put", "send"],
-                     help="put: put-with-signal each way (default); send: send/recv")
+    lat.add_argument("--op", default="put", choices=["put", "write", "send"],
+                     help="put: put-with-signal each way (default); send: send/recv; write: a plain put whose "
+                          "last 8 bytes carry the round number, which the peer polls (how perftest's "
+                          "ib_write_lat detects arrival; sizes must be multiples of 8)")
     lat.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
                      help="comma-separated message sizes in bytes (default 8 B .. 1 MiB)")
     lat.add_argument("--iterations", type=int, default=0, help="measured round trips per size (default: by size)")
@@ -98,6 +100,8 @@ def run_rank(rank: int, world_size: int, store: str, transport: str, op: str, si
         for size in sizes:
             n = _iterations_for(size, iterations)
             base = rsig.read_u64(0)  # before the barrier: the peer may put right after it
+            if op == "write":
+                rbuf.array[size - 8:size] = 0  # the round counter the peer writes; earlier sizes left bytes there
             ep.barrier(f"size-{size}")
             times = ep._live().pingpong(ch._live(), op, size, n, warmup, rank == 0, timeout,
                                         rbuf._live(), rsig._live(), remote_buf._desc, remote_sig._desc, base)
@@ -303,6 +307,9 @@ def run(args) -> int:
         raise SystemExit("lamina-net bench: --iterations and --warmup must be >= 0")
     if args.timeout <= 0:
         raise SystemExit("lamina-net bench: --timeout must be > 0")
+    if args.op == "write" and any(s % 8 for s in sizes):
+        raise SystemExit("lamina-net bench: --op write needs sizes that are multiples of 8 (the last 8 bytes "
+                         "carry the round number)")
     wanted = _available_transports() if args.transport == "all" else [t.strip() for t in args.transport.split(",")]
     for t in wanted:
         if t not in ("tcp", "shm", "verbs"):

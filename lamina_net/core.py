@@ -358,7 +358,13 @@ class Channel:
     def iput(self, src, dst: RemoteRegion, dst_offset: int = 0, *, src_offset: int = 0,
              nbytes: Optional[int] = None, signal: Optional[RemoteRegion] = None, signal_offset: int = 0,
              signal_add: int = 1, timeout: Optional[float] = None) -> Handle:
-        """Like :meth:`put`; the handle completes when the data is applied at the target."""
+        """Like :meth:`put`, but returns at once; the handle completes when the data is applied at the target.
+
+        Do not change ``src`` until the handle completes (as with MPI_Isend or
+        NVSHMEM's ``put_nbi``): over verbs a source inside a registered region
+        is read by the NIC in place, zero-copy, until then. The handle keeps
+        ``src`` alive.
+        """
         op, keep, n = self._put(src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, True,
                                 timeout)
         return Handle(self, op, f"put of {n} bytes", keep)

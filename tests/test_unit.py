@@ -186,6 +186,24 @@ def test_cli_info_and_bench_json(tmp_path):
     assert bad.returncode != 0 and "sizes" in bad.stderr
 
 
+def test_bench_write_op_polls_the_payload_word(tmp_path):
+    # --op write: plain puts whose last word carries the round number (the
+    # ib_write_lat method); it completes only if every round's word arrived.
+    path = tmp_path / "write.json"
+    proc = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--transport", "tcp,shm",
+                           "--op", "write", "--sizes", "8,4096", "--iterations", "200", "--warmup", "5",
+                           "--no-reference", "--baseline", "none", "--json", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(path.read_text())
+    assert {(r["transport"], r["op"], r["size_bytes"]) for r in records} == {
+        (t, "write", s) for t in ("tcp", "shm") for s in (8, 4096)}
+    assert all(0 < r["p50_us"] <= r["p99_us"] for r in records)
+    bad = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--op", "write", "--sizes", "12"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "multiples of 8" in bad.stderr
+
+
 def test_cuda_memory_without_a_gpu_is_a_clear_typed_error():
     class FakeCudaArray:  # what cupy / numba expose
         __cuda_array_interface__ = {"shape": (16,), "typestr": "<f4", "data": (0x7f0000000000, False),

@@ -117,7 +117,7 @@ OpRef Channel::put(const void* src, uint64_t len, const RegionDescriptor& dst, u
   slice.ptr = src;
   slice.len = len;
   std::shared_ptr<Region> region;
-  if (connection_->needs_source_region()) region = endpoint_->regions().find_containing(src, len);
+  if (connection_->needs_source_region(len, src_device)) region = endpoint_->regions().find_containing(src, len);
   slice.region = region.get();
   slice.device = src_device;
   RemoteSlice remote{dst, dst_offset};
@@ -166,8 +166,8 @@ void Channel::wait(const OpRef& op, double timeout_s, const std::string& what) {
   if (!op) return;
   double bound = resolve(timeout_s);
   Connection* conn = connection_.get();
-  endpoint_->wait_until(
-      [&] { return op->done() || conn->failed(nullptr); }, Deadline::after_seconds(bound), {conn});
+  endpoint_->wait_until([&] { return op->done() || conn->failed(nullptr); }, Deadline::after_seconds(bound),
+                        std::span<Connection* const>(&conn, 1));
   if (op->failed()) throw_op_error(*op);
   if (op->done()) return;
   std::string why;
@@ -182,7 +182,8 @@ void Channel::wait(const OpRef& op, double timeout_s, const std::string& what) {
       op->fail(what + " timed out and was withdrawn", ErrorKind::kTimeout);
     } else {
       endpoint_->wait_until([&] { return op->done() || conn->failed(nullptr); },
-                            Deadline::after_seconds(endpoint_->default_timeout()), {conn});
+                            Deadline::after_seconds(endpoint_->default_timeout()),
+                            std::span<Connection* const>(&conn, 1));
       if (op->done()) return wait(op, 0, what);
       close();
       withdrawn = "; a message was still arriving into it, so the channel was closed";
@@ -425,18 +426,27 @@ void Endpoint::wait_signal(const Region& region, uint64_t offset, uint64_t value
   if (region.closed.load()) throw_usage("wait: region is closed");
   const auto* word = reinterpret_cast<const uint64_t*>(static_cast<const char*>(region.base) + offset);
   std::vector<std::shared_ptr<Channel>> keep;
-  std::vector<Connection*> drive;
+  std::vector<Connection*> all;
+  Connection* one = nullptr;
+  std::span<Connection* const> drive;
   if (channel) {
-    drive.push_back(channel->connection());
+    one = channel->connection();
+    drive = std::span<Connection* const>(&one, 1);  // no allocation on the latency path
   } else {
     keep = channels_snapshot();
-    for (auto& ch : keep) drive.push_back(ch->connection());
+    for (auto& ch : keep) all.push_back(ch->connection());
+    drive = all;
   }
   double bound = timeout_s < 0 ? options_.timeout_s : timeout_s;
   auto reached = [&] {
     return __atomic_load_n(word, __ATOMIC_ACQUIRE) >= value || (channel && channel->failed(nullptr));
   };
-  wait_until(reached, Deadline::after_seconds(bound), drive);
+  // Over RDMA the word changes without our progress: poll it alone, and
+  // drive the connections every 128th step (a CQ poll per step costs more
+  // than the memory read and delays noticing the signal).
+  bool sparse = !drive.empty();
+  for (Connection* c : drive) sparse &= c->inbound_writes_need_no_progress();
+  wait_until(reached, Deadline::after_seconds(bound), drive, sparse);
   uint64_t seen = __atomic_load_n(word, __ATOMIC_ACQUIRE);
   if (seen >= value) return;
   std::string why;

@@ -9,7 +9,11 @@
 namespace lamina {
 
 struct PingPongConfig {
-  std::string op = "put";  // "put": put+signal into the peer; "send": send/recv
+  // "put": put+signal into the peer; "send": send/recv; "write": a plain put
+  // whose last word carries the round number, waited on by the peer (the way
+  // ib_write_lat detects arrival; needs size % 8 == 0 and the peer's buffer
+  // word at size - 8 zeroed before the run).
+  std::string op = "put";
   uint64_t size = 8;
   int iterations = 1000;
   int warmup = 100;

@@ -10,15 +10,25 @@
 
 namespace lamina {
 
+uint64_t coarse_tick_ns() {
+  static const uint64_t tick = []() -> uint64_t {
+    timespec res{};
+    if (clock_getres(CLOCK_MONOTONIC_COARSE, &res) != 0) return 10'000'000;
+    return static_cast<uint64_t>(res.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(res.tv_nsec);
+  }();
+  return tick;
+}
+
 int Deadline::remaining_ms(int cap_ms) const {
   if (at_ns_ == UINT64_MAX) return cap_ms;
-  uint64_t now = now_ns();
+  uint64_t now = coarse_now_ns();
   if (now >= at_ns_) return 0;
   uint64_t ms = (at_ns_ - now + 999999) / 1000000;
   return static_cast<int>(std::min<uint64_t>(ms, static_cast<uint64_t>(cap_ms)));
 }
 
 void Backoff::pause() {
+  if (start_ns_ == 0) start_ns_ = now_ns();
   if (spinning()) {
     for (int i = 0; i < 16; ++i) cpu_relax();
     return;

@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <string>
 
 namespace lamina {
@@ -18,11 +19,29 @@ inline uint64_t now_ns() {
           .count());
 }
 
+// A clock read that never leaves user space (the kernel's last tick, a few ms
+// resolution), for hot loops that only need coarse time: keepalive periods,
+// "who drove this recently". On machines whose clocksource has no vDSO path
+// (hpet in VMs) now_ns() is a system call costing ~1 us.
+inline uint64_t coarse_now_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000ull + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// Resolution of coarse_now_ns() (one kernel tick), read once.
+uint64_t coarse_tick_ns();
+
+// A bound on a wait. Kept on the coarse clock: every put and wait makes one,
+// and a bound needs no better than a tick, while the precise clock can cost a
+// system call (see coarse_now_ns). One tick is added so that a deadline never
+// expires early; it may expire up to two ticks late. A bound <= 0 has expired
+// already.
 class Deadline {
  public:
   static Deadline after_seconds(double seconds) {
     Deadline d;
-    d.at_ns_ = seconds <= 0 ? now_ns() : now_ns() + static_cast<uint64_t>(seconds * 1e9);
+    d.at_ns_ = seconds <= 0 ? 0 : coarse_now_ns() + static_cast<uint64_t>(seconds * 1e9) + coarse_tick_ns();
     return d;
   }
   static Deadline never() {
@@ -30,7 +49,7 @@ class Deadline {
     d.at_ns_ = UINT64_MAX;
     return d;
   }
-  bool expired() const { return at_ns_ != UINT64_MAX && now_ns() >= at_ns_; }
+  bool expired() const { return at_ns_ != UINT64_MAX && coarse_now_ns() >= at_ns_; }
   // Remaining time in ms for poll()/futex, clamped to [0, cap_ms].
   int remaining_ms(int cap_ms) const;
   uint64_t at_ns() const { return at_ns_; }
@@ -49,15 +68,18 @@ inline void cpu_relax() {
 
 // Spin for `spin_ns`, then yield, then sleep in growing steps up to 1 ms.
 // Used by waits that have no kernel object to block on.
+// The spin window starts at the first pause(), not at construction: most
+// waits never pause, and a clock read can cost a system call (see
+// coarse_now_ns).
 class Backoff {
  public:
-  explicit Backoff(uint64_t spin_ns = 20000) : start_ns_(now_ns()), spin_ns_(spin_ns) {}
+  explicit Backoff(uint64_t spin_ns = 20000) : spin_ns_(spin_ns) {}
   void pause();
-  void reset() { start_ns_ = now_ns(); sleep_us_ = 1; }
-  bool spinning() const { return now_ns() - start_ns_ < spin_ns_; }
+  void reset() { start_ns_ = 0; sleep_us_ = 1; }
+  bool spinning() const { return start_ns_ == 0 || now_ns() - start_ns_ < spin_ns_; }
 
  private:
-  uint64_t start_ns_;
+  uint64_t start_ns_ = 0;  // 0: not paused yet
   uint64_t spin_ns_;
   uint32_t sleep_us_ = 1;
 };

@@ -87,7 +87,7 @@ class StreamConnection : public Connection {
   bool cancel_recv(const OpRef& op) override;
   void post_flush(const OpRef& done, Deadline deadline) override;
   bool progress() override;
-  bool needs_source_region() const override { return false; }
+  bool needs_source_region(uint64_t, bool) const override { return false; }
   void stop_driving() override;
   void wait_inbound(int timeout_ms) override;
   void wait_inbound_until(int timeout_ms, const std::function<bool()>& ready) override;

@@ -17,6 +17,10 @@
 //   backed up (then kTimeout). An OpState passed in completes later: for put /
 //   atomic / flush when the operation is applied at the target; for send when
 //   the message is handed to the transport; for recv when a message arrived.
+//   One exception, as with MPI_Isend or NVSHMEM's *_nbi: a put given an
+//   OpState may keep reading its source until that OpState completes (verbs
+//   then writes a registered source zero-copy without waiting), so the
+//   caller must not change the source before then.
 // - Errors: any failure (peer gone, hostile frame, work completion error) fails
 //   the connection: failed() turns true with the first reason, pending
 //   OpStates fail with it, and later posts throw kSystem with it (sticky).
@@ -127,7 +131,8 @@ class Connection {
 
   // One-sided write of `src` to `dst`; then, if `signal` is non-null, add
   // signal->add to that remote 64-bit word. `done` (nullable) completes when
-  // data (and signal) are applied at the target.
+  // data (and signal) are applied at the target; with `done`, `src` must stay
+  // unchanged until then (see Completion above).
   virtual void post_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal,
                         const OpRef& done, Deadline deadline) = 0;
   // Remote 64-bit fetch-and-add; done->value() is the previous value.
@@ -170,9 +175,16 @@ class Connection {
   // True when the peer may change local memory without any inbound traffic
   // (see wait_inbound_until); multi-connection waits then sleep in short slices.
   virtual bool writes_directly() const { return false; }
-  // Whether post_put wants LocalSlice::region filled in (verbs needs the
-  // source's lkey; byte-stream transports do not, and skip the lookup).
-  virtual bool needs_source_region() const { return true; }
+  // True when every put and signal from the peer lands in local memory with
+  // no help from this side's progress (RDMA: the NIC places them). A thread
+  // waiting on a signal word then drives progress only now and then (for
+  // failure detection and its own send queue), not on every poll of the word
+  // (at the start of each wait and every 128th poll).
+  virtual bool inbound_writes_need_no_progress() const { return false; }
+  // Whether post_put wants LocalSlice::region filled in for a source of
+  // `len` bytes (`device`: GPU memory). Verbs needs the source's lkey unless
+  // it inlines the bytes; byte-stream transports never do, and skip the lookup.
+  virtual bool needs_source_region(uint64_t len, bool device) const { return true; }
   // Idempotent. Pending operations fail with "connection closed".
   virtual void close() = 0;
   // True once the connection failed or closed; *why gets the first reason.

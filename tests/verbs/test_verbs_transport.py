@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.verbs, pytest.mark.skipif(_SKIP is not None, reason=_S
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
-# Around the transport's thresholds: inline (64), chunk (32 KiB), several MiB.
-PUT_SIZES = [1, 7, 64, 65, 4095, 4096, 32767, 32768, 32769, 65543, 1 << 20, (4 << 20) + 13]
+# Around the transport's thresholds: inline (220 on rxe), chunk (32 KiB), several MiB.
+PUT_SIZES = [1, 7, 64, 65, 220, 221, 4095, 4096, 32767, 32768, 32769, 65543, 1 << 20, (4 << 20) + 13]
 SEND_SIZES = [0, 1, 15, 16, 17, 32752, 32753, 32768, 65536 + 5, 1 << 20, (5 << 20) + 3]
 
 
@@ -34,6 +34,15 @@ def test_every_operation():
 def test_put_sizes_random_offsets_checksums(seed):
     results = vr.run_ranks(vr.put_sizes, args=(PUT_SIZES, seed), timeout=400)
     assert results == {0: 2 * len(PUT_SIZES), 1: 2 * len(PUT_SIZES)}
+
+
+@pytest.mark.parametrize("size", [221, 4096])
+def test_staged_puts_back_to_back_keep_their_bytes(size):
+    assert vr.run_ranks(vr.staged_put_burst, args=(300, size), timeout=300) == {0: 300, 1: 300}
+
+
+def test_large_iputs_in_flight_together():
+    assert vr.run_ranks(vr.large_iputs_in_flight, args=(6, (1 << 20) + 8), timeout=300) == {0: 6, 1: 6}
 
 
 def test_send_recv_sizes_checksums():

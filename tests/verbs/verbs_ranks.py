@@ -44,6 +44,18 @@ def digest(array) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
 
 
+def target_and_signal(ep, peer, target):
+    """Registers and publishes `target` (remote write) and a u64 signal word
+    (remote atomic) and opens the verbs channel; returns the local regions,
+    the channel and the peer's two descriptors."""
+    sig = np.zeros(1, np.uint64)
+    rt, rs = ep.register(target, ln.Access.REMOTE_WRITE), ep.register(sig, ln.Access.REMOTE_ATOMIC)
+    ep.publish("t", rt)
+    ep.publish("s", rs)
+    ch = ep.channel(peer, VERBS)
+    return rt, rs, ch, ep.lookup(peer, "t"), ep.lookup(peer, "s")
+
+
 # --------------------------------------------------------------------------- bodies
 
 
@@ -94,6 +106,57 @@ def put_sizes(rank, world, store, sizes, seed):
         return count
 
 
+def staged_put_burst(rank, world, store, count, size):
+    """`count` back-to-back puts of `size` bytes (copied through the staging
+    slots: above the inline limit, at most one chunk) from one buffer that is
+    rewritten between puts, no wait in between, then one signal. The staging
+    pool is much smaller than `count` and most of those puts are posted
+    unsignaled, so its slots must come back in batches; each put must carry
+    what the source held when it was posted."""
+    peer = 1 - rank
+    with endpoint(rank, world, store, "staged-burst", timeout=60) as ep:
+        target = np.zeros(count * size, np.uint8)
+        _, rs, ch, pt, ps = target_and_signal(ep, peer, target)
+        source = np.zeros(size, np.uint8)
+        rng = np.random.default_rng(rank)
+        sent = np.empty((count, size), np.uint8)
+        for i in range(count):
+            source[:] = rng.integers(0, 256, size, dtype=np.uint8)
+            sent[i] = source
+            ch.put(source, pt, i * size)
+        ch.put(source[:0], pt, 0, signal=ps)
+        rs.wait(0, 1, timeout=60, channel=ch)
+        ep.barrier("received")
+        expected = np.empty((count, size), np.uint8)
+        peer_rng = np.random.default_rng(peer)
+        for i in range(count):
+            expected[i] = peer_rng.integers(0, 256, size, dtype=np.uint8)
+        assert np.array_equal(target.reshape(count, size), expected), "a staged put lost or mixed up its bytes"
+        return count
+
+
+def large_iputs_in_flight(rank, world, store, count, size):
+    """`count` iputs of `size` bytes (zero-copy: registered source, above one
+    chunk) posted back to back with their handles outstanding, then waited;
+    the target checks every byte."""
+    peer = 1 - rank
+    with endpoint(rank, world, store, "large-iputs", timeout=60) as ep:
+        target = np.zeros(count * size, np.uint8)
+        rt = ep.register(target, ln.Access.REMOTE_WRITE)
+        ep.publish("t", rt)
+        ch = ep.channel(peer, VERBS)
+        pt = ep.lookup(peer, "t")
+        source = np.random.default_rng(rank).integers(0, 256, count * size, dtype=np.uint8)
+        rsrc = ep.register(source, ln.Access.LOCAL)
+        handles = [ch.iput(rsrc, pt, i * size, src_offset=i * size, nbytes=size) for i in range(count)]
+        for h in handles:
+            h.wait(60)
+        ep.barrier("written")
+        expected = np.random.default_rng(peer).integers(0, 256, count * size, dtype=np.uint8)
+        assert digest(target) == digest(expected), "a zero-copy iput corrupted its bytes"
+        return count
+
+
 def send_sizes(rank, world, store, sizes, seed):
     """Messages of every size with random content, both directions at once."""
     peer = 1 - rank
@@ -120,12 +183,7 @@ def many_messages(rank, world, store, count):
     peer = 1 - rank
     with endpoint(rank, world, store, "many", timeout=60) as ep:
         slots = np.zeros(count, np.uint64)
-        sig = np.zeros(1, np.uint64)
-        rslots, rsig = ep.register(slots, ln.Access.REMOTE_WRITE), ep.register(sig, ln.Access.REMOTE_ATOMIC)
-        ep.publish("slots", rslots)
-        ep.publish("sig", rsig)
-        ch = ep.channel(peer, VERBS)
-        pslots, psig = ep.lookup(peer, "slots"), ep.lookup(peer, "sig")
+        _, rsig, ch, pslots, psig = target_and_signal(ep, peer, slots)
         rng = np.random.default_rng(rank)
         lengths = rng.integers(8, 300, count)
         for i in range(count):  # all sent before the peer receives: buffered on its side
@@ -142,7 +200,7 @@ def many_messages(rank, world, store, count):
         for i in range(count):
             ch.put(np.array([i + 1], np.uint64), pslots, 8 * i, signal=psig)
         rsig.wait(0, count, timeout=60, channel=ch)
-        assert int(sig[0]) == count
+        assert rsig.read_u64(0) == count
         assert (slots == np.arange(1, count + 1, dtype=np.uint64)).all()
         ep.barrier("done")
         return count
