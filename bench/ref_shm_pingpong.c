@@ -20,11 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e9 + ts.tv_nsec;
-}
+#include "ref_timing.h"
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -59,12 +55,14 @@ int main(int argc, char **argv) {
     memset(src, 1, max);
     memset(dst, 2, max);
     for (int s = 0; s < nsizes; ++s) {
+      struct ref_clock clock = ref_clock_start();
       for (int i = 0; i < iters + warmup; ++i) {
-        double t0 = now_ns();
+        uint64_t t0 = ref_ticks();
         memcpy(dst, src, sizes[s]);
         __asm__ volatile("" ::: "memory");
-        if (i >= warmup) t[i - warmup] = now_ns() - t0;
+        if (i >= warmup) t[i - warmup] = (double)(ref_ticks() - t0);
       }
+      ref_ticks_to_ns(clock, t, iters);
       qsort(t, (size_t)iters, sizeof(double), cmp_double);
       printf("size=%zu p50_ns=%.0f p99_ns=%.0f\n", sizes[s], t[iters / 2], t[(int)(iters * 0.99)]);
     }
@@ -81,6 +79,7 @@ int main(int argc, char **argv) {
   pid_t child = fork();
   uint64_t round = 0;
   for (int s = 0; s < nsizes; ++s) {
+    struct ref_clock clock = ref_clock_start();
     for (int i = 0; i < iters + warmup; ++i) {
       ++round;
       if (child == 0) {
@@ -88,14 +87,15 @@ int main(int argc, char **argv) {
         memcpy(data_parent, local, sizes[s]);
         __atomic_store_n(&to_parent->seq, round, __ATOMIC_RELEASE);
       } else {
-        double t0 = now_ns();
+        uint64_t t0 = ref_ticks();
         memcpy(data_child, local, sizes[s]);
         __atomic_store_n(&to_child->seq, round, __ATOMIC_RELEASE);
         wait_seq(to_parent, round);
-        if (i >= warmup) t[i - warmup] = now_ns() - t0;
+        if (i >= warmup) t[i - warmup] = (double)(ref_ticks() - t0);
       }
     }
     if (child != 0) {
+      ref_ticks_to_ns(clock, t, iters);
       qsort(t, (size_t)iters, sizeof(double), cmp_double);
       printf("size=%zu p50_rtt_ns=%.0f p99_rtt_ns=%.0f\n", sizes[s], t[iters / 2], t[(int)(iters * 0.99)]);
       fflush(stdout);

@@ -23,11 +23,7 @@
 #include <unistd.h>
 #include <errno.h>
 
-static double now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e9 + ts.tv_nsec;
-}
+#include "ref_timing.h"
 
 static int g_spin;
 
@@ -92,12 +88,14 @@ int main(int argc, char **argv) {
   tune(fd);
   double *t = malloc(sizeof(double) * (size_t)iters);
   for (int s = 0; s < nsizes; ++s) {
+    struct ref_clock clock = ref_clock_start();
     for (int i = 0; i < iters + warmup; ++i) {
-      double t0 = now_ns();
+      uint64_t t0 = ref_ticks();
       io_all(fd, buf, sizes[s], 1);
       io_all(fd, buf, sizes[s], 0);
-      if (i >= warmup) t[i - warmup] = now_ns() - t0;
+      if (i >= warmup) t[i - warmup] = (double)(ref_ticks() - t0);
     }
+    ref_ticks_to_ns(clock, t, iters);
     qsort(t, (size_t)iters, sizeof(double), cmp_double);
     printf("size=%zu p50_rtt_ns=%.0f p99_rtt_ns=%.0f\n", sizes[s], t[iters / 2], t[(int)(iters * 0.99)]);
     fflush(stdout);

@@ -26,9 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <x86intrin.h>
-#endif
+
+#include "ref_timing.h"
 
 enum mode { MODE_WRITE, MODE_WRITE_ATOMIC, MODE_WRITE_WRITE };
 enum { MAX_INLINE = 220, SIGNAL_EVERY = 32, QUEUE_DEPTH = 128 };
@@ -62,21 +61,6 @@ static void die(const char *what) {
   exit(1);
 }
 
-static double now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e9 + ts.tv_nsec;
-}
-
-/* Rounds are timed in TSC ticks (no system call, as perftest does) and scaled
- * by the clock over the whole run, like lamina-net's ping-pong loop. */
-static uint64_t ticks(void) {
-#if defined(__x86_64__) || defined(__i386__)
-  return __rdtsc();
-#else
-  return (uint64_t)now_ns();
-#endif
-}
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -222,25 +206,21 @@ static void wait_round(struct side *s, uint64_t round) {
 static void *run_side(void *arg) {
   struct side *s = arg;
   const int total = warmup + iterations;
-  const double start_ns = now_ns();
-  const uint64_t start_ticks = ticks();
+  const struct ref_clock clock = ref_clock_start();
   for (int i = 0; i < total; ++i) {
     const uint64_t round = (uint64_t)i + 1;
     if (s->initiator) {
-      const uint64_t t0 = ticks();
+      const uint64_t t0 = ref_ticks();
       send_round(s, round);
       wait_round(s, round);
-      if (i >= warmup) s->rtt_ns[i - warmup] = (double)(ticks() - t0);
+      if (i >= warmup) s->rtt_ns[i - warmup] = (double)(ref_ticks() - t0);
     } else {
       wait_round(s, round);
       send_round(s, round);
     }
     drain_cq(s);
   }
-  if (s->initiator) {
-    const double ns_per_tick = (now_ns() - start_ns) / (double)(ticks() - start_ticks);
-    for (int i = 0; i < iterations; ++i) s->rtt_ns[i] *= ns_per_tick;
-  }
+  if (s->initiator) ref_ticks_to_ns(clock, s->rtt_ns, iterations);
   return NULL;
 }
 
