@@ -6,6 +6,7 @@ separate processes (verbs_ranks.py), each with its own QPs and registrations.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,32 @@ def test_transport_below_the_channel_layer():
     proc = subprocess.run([binary], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED" in proc.stdout
+
+
+def test_latency_bench_and_bare_reference_run_over_verbs(tmp_path):
+    """The pieces of bench/verbs_vs_perftest.py: `bench latency --op write|put`
+    over verbs (each round's arrival is awaited, so it finishes only if every
+    write and signal landed) and the bare-libibverbs reference."""
+    path = tmp_path / "lat.json"
+    for op in ("write", "put"):
+        proc = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--transport", "verbs",
+                               "--op", op, "--sizes", "8,4096,40000", "--iterations", "50", "--warmup", "5",
+                               "--no-reference", "--baseline", "none", "--json", str(path)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        records = json.loads(path.read_text())
+        assert [(r["transport"], r["op"], r["size_bytes"]) for r in records] == [
+            ("verbs", op, s) for s in (8, 4096, 40000)]
+        assert all(0 < r["p50_us"] <= r["p99_us"] for r in records)
+    from lamina_net.bench_cli import reference_binary
+
+    exe = reference_binary("ref_verbs_pingpong")
+    if exe is None:
+        pytest.skip("ref_verbs_pingpong was not built (no libibverbs.so at build time)")
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import verbs_vs_perftest as vp
+
+    device, _, gid = vp.pick_device()
+    for mode in ("write", "write+atomic", "write+write"):
+        out = vp.bare_verbs_latency(device, gid, mode, [8, 4096], 50)
+        assert sorted(out) == [8, 4096] and all(v["p50_us"] > 0 for v in out.values()), (mode, out)
