@@ -125,19 +125,14 @@ def lamina_latency(sizes: list[int], iterations: int, op: str, spin_us: int) -> 
 
 def bare_verbs_latency(device: str, gid: int, mode: str, sizes: list[int], iterations: int) -> dict[int, dict]:
     """bench/ref_verbs_pingpong (bare libibverbs) one-way p50/p99 by size; {} when it was not built."""
-    from lamina_net.bench_cli import reference_binary
+    from lamina_net.bench_cli import parse_reference_rtt, reference_binary
 
     exe = reference_binary("ref_verbs_pingpong")
     if exe is None:
         return {}
     text = subprocess.run([str(exe), device, str(gid), mode, ",".join(map(str, sizes)), str(iterations), "20"],
                           capture_output=True, text=True, check=True, timeout=1800).stdout
-    out = {}
-    for line in text.splitlines():
-        fields = dict(kv.split("=") for kv in line.split())
-        out[int(fields["size"])] = {"p50_us": float(fields["p50_rtt_ns"]) / 2e3,
-                                    "p99_us": float(fields["p99_rtt_ns"]) / 2e3}
-    return out
+    return dict(parse_reference_rtt(line) for line in text.splitlines())
 
 
 def _bandwidth_rank(rank: int, store: str, sizes: list[int], total_bytes: int, window: int, results) -> None:

@@ -167,6 +167,13 @@ def reference_binary(name: str) -> Path | None:
     return None
 
 
+def parse_reference_rtt(line: str) -> tuple[int, dict]:
+    """(size, {p50_us, p99_us} one-way) from a C reference's "size=.. p50_rtt_ns=.. p99_rtt_ns=.." line."""
+    fields = dict(kv.split("=") for kv in line.split())
+    return int(fields["size"]), {"p50_us": float(fields["p50_rtt_ns"]) / 2e3,
+                                 "p99_us": float(fields["p99_rtt_ns"]) / 2e3}
+
+
 def run_reference(transport: str, sizes: list[int], iterations: int, warmup: int,
                   mode: str = "spin") -> dict[int, dict]:
     """p50/p99 one-way latency of the plain C reference, by size ({} if unavailable).
@@ -183,8 +190,7 @@ def run_reference(transport: str, sizes: list[int], iterations: int, warmup: int
         n = _iterations_for(size, iterations)
         args = [str(exe), "pingpong" if transport == "shm" else mode, str(size), str(n), str(warmup)]
         text = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600).stdout
-        fields = dict(kv.split("=") for kv in text.split())
-        out[size] = {"p50_us": float(fields["p50_rtt_ns"]) / 2e3, "p99_us": float(fields["p99_rtt_ns"]) / 2e3}
+        out[size] = parse_reference_rtt(text)[1]
     return out
 
 

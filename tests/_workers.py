@@ -10,9 +10,14 @@ import numpy as np
 import lamina_net as ln
 
 
-def _pair(rank, world, store, transport, group, timeout=20.0):
-    ep = ln.Endpoint(rank, world, store, group=group, timeout=timeout)
-    return ep
+def publish_and_connect(ep, peer, transport, **regions):
+    """Publishes each local Region under its keyword name, opens the channel
+    to `peer`, and looks up the peer's regions of the same names.
+    Returns (channel, [peer descriptors in keyword order])."""
+    for name, region in regions.items():
+        ep.publish(name, region)
+    ch = ep.channel(peer, transport)
+    return ch, [ep.lookup(peer, name) for name in regions]
 
 
 def every_op(rank, world, store, transport, shared=False):
@@ -29,11 +34,8 @@ def every_op(rank, world, store, transport, shared=False):
             buf = np.zeros(1 << 16, np.uint8)
             sig = np.zeros(4, np.uint64)
             rbuf, rsig = ep.register(buf, ln.Access.REMOTE_WRITE), ep.register(sig, ln.Access.REMOTE_ATOMIC)
-        ep.publish("buf", rbuf)
-        ep.publish("sig", rsig)
-        ch = ep.channel(peer, transport)
+        ch, (pbuf, psig) = publish_and_connect(ep, peer, transport, buf=rbuf, sig=rsig)
         assert ch.transport == transport
-        pbuf, psig = ep.lookup(peer, "buf"), ep.lookup(peer, "sig")
         payload = (np.arange(1000, dtype=np.uint32) * (rank + 3)).view(np.uint8)
         ch.put(payload, pbuf, 100, signal=psig, signal_offset=0, signal_add=1)
         rsig.wait(0, 1, timeout=10, channel=ch)
@@ -74,10 +76,7 @@ def sizes_checksums(rank, world, store, transport, sizes, seed, shared=False):
             rt = ep.register(target)
         sig = np.zeros(1, np.uint64)
         rs = ep.register(sig)
-        ep.publish("t", rt)
-        ep.publish("s", rs)
-        ch = ep.channel(peer, transport)
-        pt, ps = ep.lookup(peer, "t"), ep.lookup(peer, "s")
+        ch, (pt, ps) = publish_and_connect(ep, peer, transport, t=rt, s=rs)
         plan = [(size, int(rng.integers(0, region_bytes - size + 1))) for size in sizes]
         if rank == 0:
             src = np.empty(max_size, np.uint8)
@@ -109,10 +108,7 @@ def many_messages(rank, world, store, transport, count):
         ring = np.zeros(count, np.uint64)
         sig = np.zeros(1, np.uint64)
         rr, rs = ep.register(ring), ep.register(sig)
-        ep.publish("ring", rr)
-        ep.publish("sig", rs)
-        ch = ep.channel(peer, transport)
-        pring, psig = ep.lookup(peer, "ring"), ep.lookup(peer, "sig")
+        ch, (pring, psig) = publish_and_connect(ep, peer, transport, ring=rr, sig=rs)
         if rank == 0:
             for i in range(count):
                 n = int(rng.integers(1, 300))
@@ -189,10 +185,7 @@ def peer_death(rank, world, store, transport, mode):
     big = np.zeros(8 << 20, np.uint8)
     sig = np.zeros(1, np.uint64)
     rb, rs = ep.register(big), ep.register(sig)
-    ep.publish("b", rb)
-    ep.publish("s", rs)
-    ch = ep.channel(peer, transport)
-    pb, ps = ep.lookup(peer, "b"), ep.lookup(peer, "s")
+    ch, (pb, ps) = publish_and_connect(ep, peer, transport, b=rb, s=rs)
     ep.barrier("ready")
     if rank == 1:
         ch.send(np.zeros(4, np.uint8))
@@ -237,10 +230,7 @@ def bad_inputs(rank, world, store, transport):
         rb = ep.register(buf, ln.Access.REMOTE_WRITE)
         rro = ep.register(ro, ln.Access.LOCAL)
         rs = ep.register(sig, ln.Access.REMOTE_ATOMIC)
-        for name, region in (("b", rb), ("ro", rro), ("s", rs)):
-            ep.publish(name, region)
-        ch = ep.channel(peer, transport)
-        pb, pro, ps = ep.lookup(peer, "b"), ep.lookup(peer, "ro"), ep.lookup(peer, "s")
+        ch, (pb, pro, ps) = publish_and_connect(ep, peer, transport, b=rb, ro=rro, s=rs)
 
         def expect(name, fn, exc=ln.UsageError):
             try:
@@ -303,10 +293,7 @@ def ordering_mixed_paths(rank, world, store, transport, rounds):
     with ln.Endpoint(rank, world, store, group="order", timeout=30) as ep:
         target = ep.alloc(1 << 16)
         sig = ep.alloc(1, np.uint64)
-        ep.publish("t", target)
-        ep.publish("s", sig)
-        ch = ep.channel(peer, transport)
-        pt, ps = ep.lookup(peer, "t"), ep.lookup(peer, "s")
+        ch, (pt, ps) = publish_and_connect(ep, peer, transport, t=target, s=sig)
         if rank == 0:
             small = np.empty(1000, np.uint8)
             big = np.empty(1 << 16, np.uint8)

@@ -45,15 +45,13 @@ def digest(array) -> str:
 
 
 def target_and_signal(ep, peer, target):
-    """Registers and publishes `target` (remote write) and a u64 signal word
-    (remote atomic) and opens the verbs channel; returns the local regions,
-    the channel and the peer's two descriptors."""
+    """Registers `target` (remote write) and a u64 signal word (remote
+    atomic), publishes both and opens the verbs channel; returns the local
+    regions, the channel and the peer's two descriptors."""
     sig = np.zeros(1, np.uint64)
     rt, rs = ep.register(target, ln.Access.REMOTE_WRITE), ep.register(sig, ln.Access.REMOTE_ATOMIC)
-    ep.publish("t", rt)
-    ep.publish("s", rs)
-    ch = ep.channel(peer, VERBS)
-    return rt, rs, ch, ep.lookup(peer, "t"), ep.lookup(peer, "s")
+    ch, (pt, ps) = _workers.publish_and_connect(ep, peer, VERBS, t=rt, s=rs)
+    return rt, rs, ch, pt, ps
 
 
 # --------------------------------------------------------------------------- bodies
@@ -76,10 +74,7 @@ def put_sizes(rank, world, store, sizes, seed):
         source = np.zeros(max_size + 8192, np.uint8)
         rt, rs = ep.register(target, ln.Access.REMOTE_WRITE), ep.register(sig, ln.Access.REMOTE_ATOMIC)
         rsrc = ep.register(source, ln.Access.LOCAL)
-        ep.publish("t", rt)
-        ep.publish("s", rs)
-        ch = ep.channel(peer, VERBS)
-        pt, ps = ep.lookup(peer, "t"), ep.lookup(peer, "s")
+        ch, (pt, ps) = _workers.publish_and_connect(ep, peer, VERBS, t=rt, s=rs)
         count = 0
         for size in sizes:
             for registered in (True, False):

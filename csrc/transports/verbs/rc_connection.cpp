@@ -30,7 +30,6 @@ constexpr uint64_t kCloseNoticeWaitNs = 100'000'000;  // 100 ms
 constexpr int kPollBatch = 16;
 constexpr uint32_t kWantedInlineBytes = 220;
 constexpr uint64_t kExternalDriveGraceNs = 5'000'000;  // a user thread drove progress this recently
-constexpr uint32_t kProgressStampEvery = 32;  // progress() calls per clock read (see progress())
 constexpr int kThreadIdleWakeMs = 100;
 
 // First fragment of every message.
@@ -473,13 +472,9 @@ std::string RcConnection::describe_wc_failure(const ibv_wc& wc, WrKind kind) con
 // ---------------------------------------------------------------- progress
 
 bool RcConnection::progress() {
-  // Stamp "a user thread drives" (coarse clock: a tick is finer than the
-  // grace period) on the first call and every 32nd after it; a driver that
-  // polls at all polls far more often than the grace period.
-  if (external_progress_ns_.load(std::memory_order_relaxed) == 0 ||
-      progress_calls_.fetch_add(1, std::memory_order_relaxed) % kProgressStampEvery == 0) {
-    external_progress_ns_.store(coarse_now_ns(), std::memory_order_relaxed);
-  }
+  // "A user thread drives", on the coarse clock: it stays in user space, and
+  // a tick is finer than the grace period.
+  external_progress_ns_.store(coarse_now_ns(), std::memory_order_relaxed);
   return drive();
 }
 

@@ -9,9 +9,9 @@
 //   post_put waits for its completion, because the contract lets the caller
 //   reuse the source as soon as post_put returns - unless the put has an
 //   OpState (iput): then the caller keeps the source until it completes, and
-//   post_put returns at once. Staged WRs are signaled
-//   only once half the staging slots are taken (a completion retires every
-//   earlier WR of the QP), so small puts do not cost a completion each.
+//   post_put returns at once. Staged WRs are signaled only once half the
+//   staging slots are taken (a completion retires every earlier WR of the
+//   QP), so small puts do not cost a completion each.
 // - put with signal: the data WRITE(s), then on the same QP an ATOMIC
 //   FETCH_AND_ADD of `add` on the signal word. This keeps "the signal never
 //   overtakes the data": an RC responder executes the requests of one QP in
@@ -297,7 +297,6 @@ class RcConnection final : public Connection {
   int wake_fd_ = -1;  // eventfd: stop_driving() and close() wake the thread
   std::atomic<bool> stop_thread_{false};
   std::atomic<uint64_t> external_progress_ns_{0};  // last progress() from a user thread, 0 = none
-  std::atomic<uint32_t> progress_calls_{0};
   // --- failure state, readable without state_mutex_
   std::atomic<bool> failed_{false};
   mutable std::mutex reason_mutex_;
