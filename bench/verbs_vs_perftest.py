@@ -194,7 +194,7 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=500, help="latency round trips per size")
     parser.add_argument("--bw-bytes", type=int, default=64 << 20, help="bytes streamed per bandwidth size")
     parser.add_argument("--json", help="write all numbers as JSON")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="interleaved rounds of the write-latency comparison (median kept)")
     parser.add_argument("--spin-us", type=int, default=20000,
                         help="LAMINA_NET_SPIN_US for the latency runs (default 20000: busy-poll like perftest)")

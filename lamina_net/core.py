@@ -351,7 +351,11 @@ class Channel:
         """One-sided write of ``src`` (array or Region slice) into ``dst`` at ``dst_offset``.
 
         With ``signal``, then adds ``signal_add`` to the u64 at ``signal_offset`` of
-        that remote region, after the data is visible. Returns when ``src`` may be reused.
+        that remote region, after the data is visible. Returns when ``src`` may be reused:
+        over verbs, sources up to ``LAMINA_NET_IB_STAGE_MAX`` (4 KiB) are copied out and it
+        returns at once; a larger source inside a registered region is read by the NIC in
+        place (zero-copy) and it returns once that write completed (use :meth:`iput` to
+        overlap several).
         """
         self._put(src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, False, timeout)
 

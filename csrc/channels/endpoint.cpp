@@ -78,6 +78,7 @@ Channel::~Channel() { close(); }
 
 void Channel::check_open() const {
   if (closed_.load()) throw_usage("channel to rank " + std::to_string(peer_) + " is closed");
+  if (!connection_->failed(nullptr)) return;  // the common case: no string to build
   std::string why;
   if (connection_->failed(&why)) throw_system(why);
 }
@@ -113,6 +114,11 @@ OpRef Channel::put(const void* src, uint64_t len, const RegionDescriptor& dst, u
     if (signal->target.kind != MemoryKind::kHost) throw_usage("put signal: signal words must be host memory");
   }
   if (src_device) cuda_check_device_range(src, len);
+  RemoteSlice remote{dst, dst_offset};
+  // The latency path: no op state, no deadline, no region lookup.
+  if (signal == nullptr && !want_completion && !src_device && connection_->try_post_small_put(src, len, remote)) {
+    return nullptr;
+  }
   LocalSlice slice;
   slice.ptr = src;
   slice.len = len;
@@ -120,7 +126,6 @@ OpRef Channel::put(const void* src, uint64_t len, const RegionDescriptor& dst, u
   if (connection_->needs_source_region(len, src_device)) region = endpoint_->regions().find_containing(src, len);
   slice.region = region.get();
   slice.device = src_device;
-  RemoteSlice remote{dst, dst_offset};
   OpRef op = want_completion ? std::make_shared<OpState>() : nullptr;
   connection_->post_put(slice, remote, signal, op, Deadline::after_seconds(resolve(timeout_s)));
   return op;
@@ -438,8 +443,12 @@ void Endpoint::wait_signal(const Region& region, uint64_t offset, uint64_t value
     drive = all;
   }
   double bound = timeout_s < 0 ? options_.timeout_s : timeout_s;
+  // The word on every poll; the channel's failure flag (a virtual call) on
+  // every 16th, so a poll stays a load and a compare.
+  uint32_t polls = 0;
   auto reached = [&] {
-    return __atomic_load_n(word, __ATOMIC_ACQUIRE) >= value || (channel && channel->failed(nullptr));
+    return __atomic_load_n(word, __ATOMIC_ACQUIRE) >= value ||
+           (channel && (++polls & 15) == 0 && channel->failed(nullptr));
   };
   // Over RDMA the word changes without our progress: poll it alone, and
   // drive the connections every 128th step (a CQ poll per step costs more

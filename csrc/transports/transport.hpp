@@ -135,6 +135,18 @@ class Connection {
   // unchanged until then (see Completion above).
   virtual void post_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal,
                         const OpRef& done, Deadline deadline) = 0;
+  // The latency path of post_put: a small put from host memory with no
+  // signal and no completion, posted only if that needs no waiting and no
+  // region lookup (verbs: one RDMA WRITE, inlined or from a free staging
+  // slot, with a free send-queue slot and the connection lock uncontended).
+  // Returns false, with
+  // nothing posted, whenever it cannot - the caller then uses post_put, which
+  // waits, reports errors and handles every other case. Never throws for
+  // "cannot"; the bytes are copied out before it returns true.
+  virtual bool try_post_small_put(const void* src, uint64_t len, const RemoteSlice& dst) {
+    (void)src, (void)len, (void)dst;
+    return false;
+  }
   // Remote 64-bit fetch-and-add; done->value() is the previous value.
   virtual void post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) = 0;
   // Two-sided, ordered messages. send copies or transmits `len` bytes before it

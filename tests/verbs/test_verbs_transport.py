@@ -46,6 +46,19 @@ def test_large_iputs_in_flight_together():
     assert vr.run_ranks(vr.large_iputs_in_flight, args=(6, (1 << 20) + 8), timeout=300) == {0: 6, 1: 6}
 
 
+@pytest.mark.parametrize("stage_max", [0, 4096, 32768])
+def test_registered_source_is_free_when_put_returns(stage_max):
+    sizes = [8, 220, 221, 512, 4096, 4097, 32768, 32769, 65536]
+    rounds = 20
+    results = vr.run_ranks(vr.registered_source_reuse, args=(sizes, rounds, stage_max), timeout=400)
+    assert results == {0: len(sizes) * rounds, 1: len(sizes) * rounds}
+
+
+def test_small_puts_from_one_thread_while_another_sends():
+    results = vr.run_ranks(vr.puts_while_sending, args=(6, 100_000, 2000), timeout=400)
+    assert results == {0: 6, 1: 6}
+
+
 def test_send_recv_sizes_checksums():
     results = vr.run_ranks(vr.send_sizes, args=(SEND_SIZES, 3), timeout=300)
     assert results == {0: len(SEND_SIZES), 1: len(SEND_SIZES)}

@@ -152,6 +152,84 @@ def large_iputs_in_flight(rank, world, store, count, size):
         return count
 
 
+def registered_source_reuse(rank, world, store, sizes, rounds, stage_max):
+    """Blocking puts from one registered source that is overwritten the
+    moment each put returns, at sizes around LAMINA_NET_IB_STAGE_MAX (inlined,
+    staged, zero-copy) and the chunk: a put must not return before the source
+    bytes are copied out or read by the NIC. The target checks every slot."""
+    os.environ["LAMINA_NET_IB_STAGE_MAX"] = str(stage_max)
+    peer = 1 - rank
+    slot = max(sizes)
+    with endpoint(rank, world, store, f"reuse-{stage_max}", timeout=60) as ep:
+        target = np.zeros(len(sizes) * rounds * slot, np.uint8)
+        _, rs, ch, pt, ps = target_and_signal(ep, peer, target)
+        source = np.zeros(slot, np.uint8)
+        rsrc = ep.register(source, ln.Access.LOCAL)
+        rng = np.random.default_rng(100 + rank)
+        index = 0
+        for size in sizes:
+            for _ in range(rounds):
+                source[:size] = rng.integers(0, 256, size, dtype=np.uint8)
+                ch.put(rsrc, pt, index * slot, nbytes=size)
+                source[:size] ^= 0xFF  # the put has returned: the source is ours again
+                index += 1
+        ch.put(source[:0], pt, 0, signal=ps)
+        rs.wait(0, 1, timeout=60, channel=ch)
+        ep.barrier("received")
+        peer_rng = np.random.default_rng(100 + peer)
+        index = 0
+        for size in sizes:
+            for r in range(rounds):
+                expected = peer_rng.integers(0, 256, size, dtype=np.uint8)
+                got = target[index * slot:index * slot + size]
+                assert np.array_equal(got, expected), f"put {r} of {size} bytes (stage max {stage_max}) corrupted"
+                index += 1
+        return index
+
+
+def puts_while_sending(rank, world, store, messages, message_bytes, puts):
+    """Rank 0 sends multi-fragment messages from one thread while another
+    thread streams small puts (the one-lock fast path) to rank 1, then
+    signals: the messages arrive whole and in order, every put lands."""
+    import threading
+
+    peer = 1 - rank
+    with endpoint(rank, world, store, "puts-while-sending", timeout=60) as ep:
+        target = np.zeros(puts * 64, np.uint8)
+        _, rs, ch, pt, ps = target_and_signal(ep, peer, target)
+        if rank == 0:
+            errors = []
+
+            def stream_puts():
+                try:
+                    for i in range(puts):
+                        size = 8 + (i * 37) % 57
+                        ch.put(np.full(size, i % 251, np.uint8), pt, i * 64)
+                    ch.put(target[:0], pt, 0, signal=ps)
+                except BaseException as e:  # reported by the main thread
+                    errors.append(e)
+
+            putter = threading.Thread(target=stream_puts)
+            putter.start()
+            for m in range(messages):
+                ch.send(np.random.default_rng(m).integers(0, 256, message_bytes, dtype=np.uint8))
+            putter.join(120)
+            assert not putter.is_alive() and not errors, errors
+            ep.barrier("checked")
+            return messages
+        buf = np.zeros(message_bytes, np.uint8)
+        for m in range(messages):
+            n = ch.recv(buf, timeout=60)
+            expected = np.random.default_rng(m).integers(0, 256, message_bytes, dtype=np.uint8)
+            assert n == message_bytes and np.array_equal(buf, expected), f"message {m} corrupted or reordered"
+        rs.wait(0, 1, timeout=60, channel=ch)
+        for i in range(puts):
+            size = 8 + (i * 37) % 57
+            assert (target[i * 64:i * 64 + size] == i % 251).all(), f"put {i} lost"
+        ep.barrier("checked")
+        return messages
+
+
 def send_sizes(rank, world, store, sizes, seed):
     """Messages of every size with random content, both directions at once."""
     peer = 1 - rank

@@ -24,6 +24,7 @@
 #include <thread>
 
 #include "common/error.hpp"
+#include "common/threads.hpp"
 #include "common/log.hpp"
 #include "common/settings.hpp"
 #include "transports/factory.hpp"
@@ -196,7 +197,10 @@ class TcpTransport : public Transport {
     set_nonblocking(listen_fd_.get());
     ctx_.store->set(ctx_.group_prefix + "/" + std::to_string(ctx_.rank) + "/tcp_addr",
                     host + ":" + std::to_string(port_));
-    accept_thread_ = std::thread([this] { accept_loop(); });
+    accept_thread_ = std::thread([this] {
+      name_this_thread("lamina-accept");
+      accept_loop();
+    });
   }
 
   ~TcpTransport() override {

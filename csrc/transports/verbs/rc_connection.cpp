@@ -16,6 +16,7 @@
 
 #include "common/error.hpp"
 #include "common/log.hpp"
+#include "common/threads.hpp"
 #include "transports/verbs/verbs_settings.hpp"
 
 namespace lamina::verbs {
@@ -106,6 +107,7 @@ RcConfig RcConfig::from_settings() {
   config.queue_depth = static_cast<uint32_t>(ib_setting_int("IB_QUEUE_DEPTH", config.queue_depth, 16, 32768));
   config.recv_depth = static_cast<uint32_t>(ib_setting_int("IB_RECV_DEPTH", config.recv_depth, 2, 4096));
   config.chunk_size = static_cast<uint32_t>(ib_setting_int("IB_CHUNK_SIZE", config.chunk_size, 256, 1 << 24));
+  config.stage_max = static_cast<uint32_t>(ib_setting_int("IB_STAGE_MAX", config.stage_max, 0, 1 << 24));
   config.ack_timeout = static_cast<uint8_t>(ib_setting_int("IB_TIMEOUT", config.ack_timeout, 1, 31));
   config.retry_count = static_cast<uint8_t>(ib_setting_int("IB_RETRY_CNT", config.retry_count, 0, 7));
   config.keepalive_ms = static_cast<uint32_t>(ib_setting_int("IB_KEEPALIVE_MS", config.keepalive_ms, 0, 3600000));
@@ -246,6 +248,8 @@ void RcConnection::create_queue_pair() {
   }
   if (!qp_) throw_system(errno_message("verbs: ibv_create_qp(RC, depth " + std::to_string(queue_depth_) + ") failed", errno));
   max_inline_ = init.cap.max_inline_data;
+  // Registered host sources up to here are inlined or copied; above, zero-copy.
+  stage_max_ = std::max(std::min(config_.stage_max, chunk_size_), max_inline_);
   psn_ = random_psn();
 
   ibv_qp_attr to_init{};
@@ -376,7 +380,10 @@ std::unique_ptr<RcConnection> RcConnection::connect(std::shared_ptr<VerbsDevice>
     connection->connected_ = true;
   }
   RcConnection* raw = connection.get();
-  connection->progress_thread_ = std::thread([raw] { raw->run_progress_thread(); });
+  connection->progress_thread_ = std::thread([raw] {
+    name_this_thread("lamina-verbs");
+    raw->run_progress_thread();
+  });
   return connection;
 }
 
@@ -871,7 +878,7 @@ void RcConnection::post_put(const LocalSlice& src, const RemoteSlice& dst, const
   }
   const auto* bytes = static_cast<const uint8_t*>(src.ptr);
   const uint64_t remote = dst.target.addr + dst.offset;
-  const bool zero_copy = src.len > 0 && lkey.has_value() && (device_memory || src.len > chunk_size_);
+  const bool zero_copy = src.len > 0 && lkey.has_value() && (device_memory || src.len > stage_max_);
   const bool inline_source = src.len > 0 && !device_memory && src.len <= max_inline_;
   uint64_t last_seq = 0;
 
@@ -953,6 +960,39 @@ void RcConnection::post_put(const LocalSlice& src, const RemoteSlice& dst, const
       throw;
     }
   }
+}
+
+bool RcConnection::try_post_small_put(const void* src, uint64_t len, const RemoteSlice& dst) {
+  if (len == 0 || len > stage_max_) return false;
+  // Only state_mutex_: one WR cannot interleave with a message's fragments
+  // (SENDs; a WRITE consumes no receive), so post_mutex_ is not needed.
+  std::unique_lock<std::mutex> lock(state_mutex_, std::try_to_lock);
+  const bool inline_source = len <= max_inline_;
+  if (!lock.owns_lock() || closed_ || peer_closed_ || failed_.load(std::memory_order_acquire) ||
+      send_queue_free() < 1 || (!inline_source && free_staging_.empty())) {
+    return false;  // post_put waits, or reports why
+  }
+  ibv_sge sge{reinterpret_cast<uint64_t>(src), static_cast<uint32_t>(len), 0};
+  ibv_send_wr wr{};
+  InFlight entry;
+  entry.kind = WrKind::kWrite;
+  wr.opcode = IBV_WR_RDMA_WRITE;
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  wr.wr.rdma.remote_addr = dst.target.addr + dst.offset;
+  wr.wr.rdma.rkey = dst.target.rkey;
+  if (inline_source) {
+    wr.send_flags = IBV_SEND_INLINE;  // copied into the WQE: the source is free once posted
+  } else {
+    entry.staging_slot = free_staging_.back();
+    free_staging_.pop_back();
+    uint8_t* staging = staging_slot(entry.staging_slot);
+    std::memcpy(staging, src, len);
+    sge.addr = reinterpret_cast<uint64_t>(staging);
+    sge.lkey = staging_buffers_->lkey();
+  }
+  post_wrs_locked(&wr, &entry, 1, false);
+  return true;
 }
 
 void RcConnection::post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) {

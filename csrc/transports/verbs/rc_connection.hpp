@@ -2,16 +2,24 @@
 //
 // How each operation maps onto verbs (one QP, one CQ for both directions):
 // - put: RDMA WRITE. Sources up to the QP's inline limit (220 B asked, as
-//   perftest does; less where the device cannot) are inlined; other sources
-//   up to one chunk, and unregistered sources of any size, are copied into
-//   registered staging buffers (so post_put returns at once). A large source
-//   inside a region registered with this transport is written zero-copy and
+//   perftest does; less where the device cannot) are inlined. Larger host
+//   sources up to IB_STAGE_MAX (4 KiB; at most one chunk), and unregistered
+//   sources of any size, are copied into registered staging slots, so
+//   post_put returns at once and back-to-back puts overlap. A source inside a
+//   region registered with this transport and above IB_STAGE_MAX (or in GPU
+//   memory) is written zero-copy, as ib_write_lat and NVSHMEM do, and
 //   post_put waits for its completion, because the contract lets the caller
 //   reuse the source as soon as post_put returns - unless the put has an
 //   OpState (iput): then the caller keeps the source until it completes, and
-//   post_put returns at once. Staged WRs are signaled only once half the
-//   staging slots are taken (a completion retires every earlier WR of the
-//   QP), so small puts do not cost a completion each.
+//   post_put returns at once. Why 4 KiB: above it the copy costs about as
+//   much as the wire time it would hide, and in a ping-pong the wait for the
+//   acknowledgement overlaps the peer's reply anyway. Staged WRs are
+//   signaled only once half the staging slots are taken (a completion
+//   retires every earlier WR of the QP), so small puts do not cost a
+//   completion each.
+//   try_post_small_put is the inlined or staged WRITE with one lock and no
+//   waiting: the latency path for puts up to IB_STAGE_MAX (a decode step's
+//   activations).
 // - put with signal: the data WRITE(s), then on the same QP an ATOMIC
 //   FETCH_AND_ADD of `add` on the signal word. This keeps "the signal never
 //   overtakes the data": an RC responder executes the requests of one QP in
@@ -83,6 +91,7 @@ struct RcConfig {
   uint32_t queue_depth = 256;
   uint32_t recv_depth = 32;
   uint32_t chunk_size = 32768;
+  uint32_t stage_max = 4096;  // registered sources above it go zero-copy (capped at chunk_size)
   uint8_t ack_timeout = 14;
   uint8_t retry_count = 6;  // not 7: rxe treats 7 as "retry forever", and a dead peer would go unnoticed
   uint32_t keepalive_ms = 1000;
@@ -138,6 +147,7 @@ class RcConnection final : public Connection {
   const char* transport_name() const override { return "verbs"; }
   void post_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal, const OpRef& done,
                 Deadline deadline) override;
+  bool try_post_small_put(const void* src, uint64_t len, const RemoteSlice& dst) override;
   void post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) override;
   void post_send(const void* data, uint64_t len, const OpRef& done, Deadline deadline) override;
   void post_recv(void* buffer, uint64_t capacity, const OpRef& done) override;
@@ -148,8 +158,9 @@ class RcConnection final : public Connection {
   // RDMA writes and atomics land in our memory with no completion here.
   bool writes_directly() const override { return true; }
   bool inbound_writes_need_no_progress() const override { return true; }
-  // Inlined host sources need no lkey (saves the region lookup on small puts).
-  bool needs_source_region(uint64_t len, bool device) const override { return device || len > max_inline_; }
+  // Host sources up to stage_max_ are inlined or staged and need no lkey
+  // (saves the region lookup); larger registered ones go zero-copy.
+  bool needs_source_region(uint64_t len, bool device) const override { return device || len > stage_max_; }
   void close() override;
   bool failed(std::string* why) const override;
 
@@ -260,6 +271,7 @@ class RcConnection final : public Connection {
   uint32_t recv_depth_ = 0;
   uint32_t max_inline_ = 0;
   uint32_t chunk_size_ = 0;
+  uint32_t stage_max_ = 0;  // host sources up to here are inlined or staged (>= max_inline_, <= chunk_size_)
   uint32_t staging_slots_ = 0;
   uint64_t max_write_bytes_ = 0;
 
