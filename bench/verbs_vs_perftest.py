@@ -113,7 +113,7 @@ def lamina_latency(sizes: list[int], iterations: int, op: str, spin_us: int) -> 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "lat.json")
         cmd = [sys.executable, "-m", "lamina_net", "bench", "latency", "--transport", "verbs", "--op", op,
-               "--sizes", ",".join(map(str, sizes)), "--iterations", str(iterations), "--warmup", "20",
+               "--sizes", ",".join(map(str, sizes)), "--iterations", str(iterations), "--warmup", "200",
                "--no-reference", "--baseline", "none", "--json", path]
         # perftest busy-polls; let lamina-net's waits spin as long (they sleep after SPIN_US otherwise).
         env = dict(os.environ, LAMINA_NET_SPIN_US=str(spin_us))
@@ -130,7 +130,7 @@ def bare_verbs_latency(device: str, gid: int, mode: str, sizes: list[int], itera
     exe = reference_binary("ref_verbs_pingpong")
     if exe is None:
         return {}
-    text = subprocess.run([str(exe), device, str(gid), mode, ",".join(map(str, sizes)), str(iterations), "20"],
+    text = subprocess.run([str(exe), device, str(gid), mode, ",".join(map(str, sizes)), str(iterations), "200"],
                           capture_output=True, text=True, check=True, timeout=1800).stdout
     return dict(parse_reference_rtt(line) for line in text.splitlines())
 
@@ -191,7 +191,7 @@ def lamina_bandwidth(sizes: list[int], total_bytes: int, window: int = 32) -> di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
-    parser.add_argument("--iterations", type=int, default=500, help="latency round trips per size")
+    parser.add_argument("--iterations", type=int, default=500, help="latency round trips per size (at least; 10000 up to 4 KiB, 2000 up to 64 KiB)")
     parser.add_argument("--bw-bytes", type=int, default=64 << 20, help="bytes streamed per bandwidth size")
     parser.add_argument("--json", help="write all numbers as JSON")
     parser.add_argument("--rounds", type=int, default=5,
@@ -217,14 +217,27 @@ def main() -> int:
     # The target pair (lamina write vs ib_write_lat) is measured in several
     # interleaved rounds and the median per size is kept: under emulation a
     # single sweep moves by 30 % from one minute to the next.
+    # Small sizes get more round trips (the same count for all three
+    # programs): 500 rounds of 8 B last ~10 ms, shorter than one hiccup of a
+    # shared, emulated machine.
+    def iterations_for(size: int) -> int:
+        return max(args.iterations, 10000 if size <= 4096 else 2000 if size <= 65536 else 0)
+
+    groups: dict[int, list[int]] = {}
+    for s in sizes:
+        groups.setdefault(iterations_for(s), []).append(s)
     rounds_write, rounds_perf, rounds_bare = [], [], []
     for _ in range(args.rounds):
-        rounds_write.append(lamina_latency(sizes, args.iterations, "write", args.spin_us))
-        rounds_bare.append(bare_verbs_latency(device, gid, "write", sizes, args.iterations))
+        write, bare_write = {}, {}
+        for count, group in groups.items():
+            write.update(lamina_latency(group, count, "write", args.spin_us))
+            bare_write.update(bare_verbs_latency(device, gid, "write", group, count))
+        rounds_write.append(write)
+        rounds_bare.append(bare_write)
         perf = {}
         for s in sizes:
             for _ in range(3):  # under emulation perftest's cycle calibration sometimes yields inf
-                perf[s] = run_perftest("ib_write_lat", device, port, gid, s, args.iterations)
+                perf[s] = run_perftest("ib_write_lat", device, port, gid, s, iterations_for(s))
                 if perf[s]["typical_us"] < float("inf"):
                     break
         rounds_perf.append(perf)
@@ -250,7 +263,9 @@ def main() -> int:
         return f"{x / table[s]['p50_us']:.2f}x" if s in table else "-"
 
     print(f"\nOne-way RDMA WRITE latency, microseconds (p50; the peer polls the payload's last word; median of "
-          f"{args.rounds} interleaved rounds; target: lamina / ib_write_lat <= 1.15x up to 64 KiB)")
+          f"{args.rounds} interleaved rounds; round trips per size: "
+          f"{', '.join(f'{n} up to {max(g)} B' for n, g in groups.items())}; "
+          f"target: lamina / ib_write_lat <= 1.15x up to 64 KiB)")
     print(f"{'bytes':>9} {'lamina put':>11} {'p99':>9} {'ib_write_lat':>13} {'ratio':>7} {'bare verbs':>11}")
     for s in sizes:
         ref = perf_lat[s]["typical_us"]

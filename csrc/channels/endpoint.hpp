@@ -154,6 +154,7 @@ class Endpoint {
   std::atomic<uint32_t> event_seq_{0};
   std::atomic<int> sleepers_{0};
   uint64_t spin_ns_;
+  uint64_t spin_cycles_;  // spin_ns_ in cycle_counter() ticks
   std::atomic<bool> closed_{false};
 };
 
@@ -171,9 +172,10 @@ bool Endpoint::wait_until(Done done, Deadline deadline, std::span<Connection* co
     // The deadline is on the coarse clock (cheap): look every 16th step.
     if ((++spins & 15) == 0 && deadline.expired()) return done();
     // Sparse progress: on the first step (so that every wait retires
-    // completions once) and every 128th. The spin window is on the precise
-    // clock, also every 128th step: where that clock is an emulated device
-    // (hpet in VMs) each read is a trip through the hypervisor.
+    // completions once) and every 128th. The spin window is kept on the
+    // cycle counter, also every 128th step: no system call, where the
+    // precise clock of a VM (hpet) is a trip through the hypervisor that
+    // also slows the other vCPUs.
     const bool every_128th = (spins & 127) == 0;
     bool did = false;
     if (!sparse_progress || (spins & 127) == 1) {
@@ -182,14 +184,15 @@ bool Endpoint::wait_until(Done done, Deadline deadline, std::span<Connection* co
     if (did) continue;
     bool keep_spinning = true;
     if (every_128th) {
-      const uint64_t now = now_ns();
+      const uint64_t now = cycle_counter();
       if (start == 0) start = now;
-      keep_spinning = now - start < spin_ns_;
+      keep_spinning = now - start < spin_cycles_;
     }
     if (keep_spinning) {
-      // Yield now and then: on an oversubscribed machine the peer we wait for
-      // may need this core.
-      if ((spins & 63) == 0) sched_yield();
+      // Yield now and then once the wait is not short: on an oversubscribed
+      // machine the peer we wait for may need this core. Short waits (a
+      // ping-pong round) make no system call at all.
+      if (spins > 1024 && (spins & 63) == 0) sched_yield();
       cpu_relax();
       continue;
     }

@@ -1,26 +1,10 @@
 #include "channels/pingpong.hpp"
 
 #include <cstring>
-#if defined(__x86_64__) || defined(__i386__)
-#include <x86intrin.h>
-#endif
 
 #include "common/error.hpp"
 
 namespace lamina {
-namespace {
-
-// A monotonic tick count that costs no system call: the TSC on x86 (invariant
-// on the CPUs this runs on), else the clock itself.
-uint64_t cycle_counter() {
-#if defined(__x86_64__) || defined(__i386__)
-  return __rdtsc();
-#else
-  return now_ns();
-#endif
-}
-
-}  // namespace
 
 std::vector<double> run_pingpong(Endpoint& endpoint, Channel& channel, const PingPongConfig& config,
                                  Region& buffer, Region& signal, const RegionDescriptor& remote_buffer,

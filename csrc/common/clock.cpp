@@ -19,6 +19,18 @@ uint64_t coarse_tick_ns() {
   return tick;
 }
 
+uint64_t cycles_for_ns(uint64_t ns) {
+  static const double cycles_per_ns = []() -> double {
+    const uint64_t ns0 = now_ns(), c0 = cycle_counter();
+    timespec one_ms{0, 1'000'000};
+    nanosleep(&one_ms, nullptr);
+    const uint64_t ns1 = now_ns(), c1 = cycle_counter();
+    const double rate = ns1 > ns0 && c1 > c0 ? double(c1 - c0) / double(ns1 - ns0) : 1.0;
+    return rate > 0.01 && rate < 100.0 ? rate : 1.0;  // nonsense (a TSC that stood still): count ns
+  }();
+  return static_cast<uint64_t>(double(ns) * cycles_per_ns);
+}
+
 int Deadline::remaining_ms(int cap_ms) const {
   if (at_ns_ == UINT64_MAX) return cap_ms;
   uint64_t now = coarse_now_ns();

@@ -32,6 +32,21 @@ inline uint64_t coarse_now_ns() {
 // Resolution of coarse_now_ns() (one kernel tick), read once.
 uint64_t coarse_tick_ns();
 
+// A tick count that never leaves user space: the TSC on x86 (constant-rate on
+// the CPUs and hypervisors this runs on), now_ns() elsewhere. For spin windows
+// and ping-pong timing, which read the time every few polls.
+inline uint64_t cycle_counter() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_ia32_rdtsc();
+#else
+  return now_ns();
+#endif
+}
+
+// cycle_counter() ticks in `ns`, from a rate measured once against now_ns()
+// (a 1 ms sleep at the first call).
+uint64_t cycles_for_ns(uint64_t ns);
+
 // A bound on a wait. Kept on the coarse clock: every put and wait makes one,
 // and a bound needs no better than a tick, while the precise clock can cost a
 // system call (see coarse_now_ns). One tick is added so that a deadline never

@@ -510,7 +510,14 @@ void RcConnection::run_progress_thread() {
       if (poll(&fds[1], 1, sleep_ms) <= 0) continue;
     } else {
       {
-        std::lock_guard<std::mutex> lock(state_mutex_);
+        // Never block a poster: if the lock is busy, someone is posting or
+        // driving right now; look again in a millisecond.
+        std::unique_lock<std::mutex> lock(state_mutex_, std::try_to_lock);
+        if (!lock.owns_lock()) {
+          uint64_t count = 0;
+          if (poll(&fds[1], 1, 1) > 0 && read(wake_fd_, &count, sizeof(count)) < 0) count = 0;
+          continue;
+        }
         if (closed_ || failed_.load(std::memory_order_acquire)) return;  // nothing left to drive
         // Arm before the final poll of the CQ, so no completion slips between them.
         ibv_req_notify_cq(cq_.get(), 0);
