@@ -153,8 +153,7 @@ class Endpoint {
   std::map<std::pair<int, int>, std::shared_ptr<Channel>> channels_;  // (peer, tag)
   std::atomic<uint32_t> event_seq_{0};
   std::atomic<int> sleepers_{0};
-  uint64_t spin_ns_;
-  uint64_t spin_cycles_;  // spin_ns_ in cycle_counter() ticks
+  uint64_t spin_cycles_;  // LAMINA_NET_SPIN_US in cycle_counter() ticks
   std::atomic<bool> closed_{false};
 };
 

@@ -4,9 +4,9 @@
 #include <cstring>
 
 #include "common/error.hpp"
-#include "common/threads.hpp"
 #include "common/log.hpp"
 #include "common/settings.hpp"
+#include "common/threads.hpp"
 #include "memory/cuda_memory.hpp"
 
 namespace lamina {
@@ -38,10 +38,12 @@ StreamConnection::StreamConnection(const char* transport_name, int peer_rank, st
 
 StreamConnection::~StreamConnection() { close(); }
 
-void StreamConnection::start() { progress_thread_ = std::thread([this] {
+void StreamConnection::start() {
+  progress_thread_ = std::thread([this] {
     name_this_thread("lamina-stream");
     progress_thread_main();
-  }); }
+  });
+}
 
 bool StreamConnection::failed(std::string* why) const {
   if (!failed_.load(std::memory_order_acquire)) return false;

@@ -139,10 +139,9 @@ class Connection {
   // signal and no completion, posted only if that needs no waiting and no
   // region lookup (verbs: one RDMA WRITE, inlined or from a free staging
   // slot, with a free send-queue slot and the connection lock uncontended).
-  // Returns false, with
-  // nothing posted, whenever it cannot - the caller then uses post_put, which
-  // waits, reports errors and handles every other case. Never throws for
-  // "cannot"; the bytes are copied out before it returns true.
+  // Returns false, with nothing posted, whenever it cannot - the caller then
+  // uses post_put, which waits, reports errors and handles every other case.
+  // Never throws for "cannot"; the bytes are copied out before it returns true.
   virtual bool try_post_small_put(const void* src, uint64_t len, const RemoteSlice& dst) {
     (void)src, (void)len, (void)dst;
     return false;
@@ -194,8 +193,9 @@ class Connection {
   // (at the start of each wait and every 128th poll).
   virtual bool inbound_writes_need_no_progress() const { return false; }
   // Whether post_put wants LocalSlice::region filled in for a source of
-  // `len` bytes (`device`: GPU memory). Verbs needs the source's lkey unless
-  // it inlines the bytes; byte-stream transports never do, and skip the lookup.
+  // `len` bytes (`device`: GPU memory). Verbs needs the source's lkey only
+  // for zero-copy (GPU memory, or above the size it inlines or stages);
+  // byte-stream transports never do, and skip the lookup.
   virtual bool needs_source_region(uint64_t len, bool device) const { return true; }
   // Idempotent. Pending operations fail with "connection closed".
   virtual void close() = 0;

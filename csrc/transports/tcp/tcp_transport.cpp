@@ -24,9 +24,9 @@
 #include <thread>
 
 #include "common/error.hpp"
-#include "common/threads.hpp"
 #include "common/log.hpp"
 #include "common/settings.hpp"
+#include "common/threads.hpp"
 #include "transports/factory.hpp"
 #include "transports/stream_connection.hpp"
 

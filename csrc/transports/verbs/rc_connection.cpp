@@ -509,25 +509,28 @@ void RcConnection::run_progress_thread() {
       const int sleep_ms = static_cast<int>((kExternalDriveGraceNs - since) / 1'000'000) + 1;
       if (poll(&fds[1], 1, sleep_ms) <= 0) continue;
     } else {
+      bool armed = false;
       {
-        // Never block a poster: if the lock is busy, someone is posting or
-        // driving right now; look again in a millisecond.
+        // Never block a poster on this lock: if it is busy, someone is
+        // posting or driving right now.
         std::unique_lock<std::mutex> lock(state_mutex_, std::try_to_lock);
-        if (!lock.owns_lock()) {
-          uint64_t count = 0;
-          if (poll(&fds[1], 1, 1) > 0 && read(wake_fd_, &count, sizeof(count)) < 0) count = 0;
-          continue;
+        if (lock.owns_lock()) {
+          if (closed_ || failed_.load(std::memory_order_acquire)) return;  // nothing left to drive
+          // Arm before the final poll of the CQ, so no completion slips between them.
+          ibv_req_notify_cq(cq_.get(), 0);
+          armed = true;
         }
-        if (closed_ || failed_.load(std::memory_order_acquire)) return;  // nothing left to drive
-        // Arm before the final poll of the CQ, so no completion slips between them.
-        ibv_req_notify_cq(cq_.get(), 0);
       }
-      drive();
-      poll(fds, 2, kThreadIdleWakeMs);
-      if (fds[0].revents & POLLIN) {
-        ibv_cq* cq = nullptr;
-        void* context = nullptr;
-        if (api.get_cq_event(completion_channel_.get(), &cq, &context) == 0) api.ack_cq_events(cq, 1);
+      if (armed) {
+        drive();
+        poll(fds, 2, kThreadIdleWakeMs);
+        if (fds[0].revents & POLLIN) {
+          ibv_cq* cq = nullptr;
+          void* context = nullptr;
+          if (api.get_cq_event(completion_channel_.get(), &cq, &context) == 0) api.ack_cq_events(cq, 1);
+        }
+      } else {
+        poll(&fds[1], 1, 1);  // look again in a millisecond
       }
     }
     if (fds[1].revents & POLLIN) {
@@ -788,6 +791,12 @@ uint64_t RcConnection::post_empty_write_locked(WrKind kind, const OpRef& done) {
 
 // ---------------------------------------------------------------- posting
 
+uint8_t* RcConnection::take_staging_slot_locked(InFlight& entry) {
+  entry.staging_slot = free_staging_.back();
+  free_staging_.pop_back();
+  return staging_slot(entry.staging_slot);
+}
+
 uint64_t RcConnection::post_wr_locked(ibv_send_wr& wr, InFlight entry, bool must_signal) {
   return post_wrs_locked(&wr, &entry, 1, must_signal);
 }
@@ -940,9 +949,7 @@ void RcConnection::post_put(const LocalSlice& src, const RemoteSlice& dst, const
       sge.addr = reinterpret_cast<uint64_t>(bytes + offset);
       sge.lkey = *lkey;
     } else if (staged) {
-      entry.staging_slot = free_staging_.back();
-      free_staging_.pop_back();
-      uint8_t* staging = staging_slot(entry.staging_slot);
+      uint8_t* staging = take_staging_slot_locked(entry);
       std::memcpy(staging, bytes + offset, piece);
       sge.addr = reinterpret_cast<uint64_t>(staging);
       sge.lkey = staging_buffers_->lkey();
@@ -991,9 +998,7 @@ bool RcConnection::try_post_small_put(const void* src, uint64_t len, const Remot
   if (inline_source) {
     wr.send_flags = IBV_SEND_INLINE;  // copied into the WQE: the source is free once posted
   } else {
-    entry.staging_slot = free_staging_.back();
-    free_staging_.pop_back();
-    uint8_t* staging = staging_slot(entry.staging_slot);
+    uint8_t* staging = take_staging_slot_locked(entry);
     std::memcpy(staging, src, len);
     sge.addr = reinterpret_cast<uint64_t>(staging);
     sge.lkey = staging_buffers_->lkey();
@@ -1049,9 +1054,7 @@ void RcConnection::post_send(const void* data, uint64_t len, const OpRef& done, 
     waiting_for_peer_ = false;
     InFlight entry;
     entry.kind = WrKind::kSend;
-    entry.staging_slot = free_staging_.back();
-    free_staging_.pop_back();
-    uint8_t* fragment = staging_slot(entry.staging_slot);
+    uint8_t* fragment = take_staging_slot_locked(entry);
     uint32_t header_bytes = 0;
     if (first) {
       const MessageHeader header{kMessageMagic, 0, len};

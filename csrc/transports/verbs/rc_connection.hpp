@@ -220,6 +220,9 @@ class RcConnection final : public Connection {
   void repost_receive_locked(uint32_t slot);
   void return_credits_locked();
   void maybe_probe_locked();
+  // Takes a free staging slot (the caller checked there is one) for `entry`,
+  // which gives it back when the WR retires; returns the slot's memory.
+  uint8_t* take_staging_slot_locked(InFlight& entry);
   // Posts one WR described by `wr` (wr_id/flags filled here); the caller made
   // sure a send-queue slot is free. Returns the WR's sequence number.
   uint64_t post_wr_locked(ibv_send_wr& wr, InFlight entry, bool must_signal);
