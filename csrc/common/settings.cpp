@@ -26,6 +26,7 @@ const std::vector<SettingInfo>& all_settings() {
       {"IB_RECV_DEPTH", "32", "verbs pre-posted receive buffers per channel (the peer's send credits)"},
       {"IB_CHUNK_SIZE", "32768", "verbs bounce-buffer/fragment bytes"},
       {"IB_STAGE_MAX", "4096", "verbs puts from registered memory above this many bytes (and above the inline limit) are zero-copy; smaller ones are copied into staging slots (at most IB_CHUNK_SIZE)"},
+      {"IB_MAX_INLINE", "512", "verbs inline bytes asked for at QP creation; host puts up to what the device grants are copied into the work request (falls back to 220, 64, 0)"},
       {"IB_TIMEOUT", "14", "verbs local ACK timeout exponent (4.096 us * 2^n)"},
       {"IB_RETRY_CNT", "6", "verbs transport retries before a work request fails (rxe retries forever at 7)"},
       {"IB_KEEPALIVE_MS", "1000", "verbs idle keepalive period, to notice a dead peer (0: off)"},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,8 +22,8 @@ pytestmark = [pytest.mark.verbs, pytest.mark.skipif(_SKIP is not None, reason=_S
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
-# Around the transport's thresholds: inline (220 on rxe), chunk (32 KiB), several MiB.
-PUT_SIZES = [1, 7, 64, 65, 220, 221, 4095, 4096, 32767, 32768, 32769, 65543, 1 << 20, (4 << 20) + 13]
+# Around the transport's thresholds: inline (512 on rxe), chunk (32 KiB), several MiB.
+PUT_SIZES = [1, 7, 64, 65, 220, 221, 511, 512, 513, 4095, 4096, 32767, 32768, 32769, 65543, 1 << 20, (4 << 20) + 13]
 SEND_SIZES = [0, 1, 15, 16, 17, 32752, 32753, 32768, 65536 + 5, 1 << 20, (5 << 20) + 3]
 
 
@@ -37,7 +38,7 @@ def test_put_sizes_random_offsets_checksums(seed):
     assert results == {0: 2 * len(PUT_SIZES), 1: 2 * len(PUT_SIZES)}
 
 
-@pytest.mark.parametrize("size", [221, 4096])
+@pytest.mark.parametrize("size", [300, 513, 4096])
 def test_staged_puts_back_to_back_keep_their_bytes(size):
     assert vr.run_ranks(vr.staged_put_burst, args=(300, size), timeout=300) == {0: 300, 1: 300}
 
@@ -48,7 +49,7 @@ def test_large_iputs_in_flight_together():
 
 @pytest.mark.parametrize("stage_max", [0, 4096, 32768])
 def test_registered_source_is_free_when_put_returns(stage_max):
-    sizes = [8, 220, 221, 512, 4096, 4097, 32768, 32769, 65536]
+    sizes = [8, 220, 221, 512, 513, 4096, 4097, 32768, 32769, 65536]
     rounds = 20
     results = vr.run_ranks(vr.registered_source_reuse, args=(sizes, rounds, stage_max), timeout=400)
     assert results == {0: len(sizes) * rounds, 1: len(sizes) * rounds}
@@ -57,6 +58,18 @@ def test_registered_source_is_free_when_put_returns(stage_max):
 def test_small_puts_from_one_thread_while_another_sends():
     results = vr.run_ranks(vr.puts_while_sending, args=(6, 100_000, 2000), timeout=400)
     assert results == {0: 6, 1: 6}
+
+
+def test_progress_thread_takes_over_when_the_user_thread_leaves(monkeypatch):
+    # The wait spins (drives) for its whole length, as a latency-bound caller's would.
+    monkeypatch.setenv("LAMINA_NET_SPIN_US", "20000000")
+    away_s = 4.0
+    results = vr.run_ranks(vr.taken_over_after_driving, args=(100, away_s), timeout=300)
+    assert results[0] == 100
+    # 100 messages against 32 receive credits: without a takeover they would
+    # wait for rank 0 to come back (4 s); the takeover comes within 45 ms
+    # (0.5 s leaves room for the emulated guest).
+    assert results[1] < 0.5, f"sends took {results[1]:.2f} s while the receiver's user thread was away"
 
 
 def test_send_recv_sizes_checksums():
@@ -143,6 +156,24 @@ def test_transport_below_the_channel_layer():
     proc = subprocess.run([binary], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASSED" in proc.stdout
+
+
+@pytest.mark.parametrize("asked,granted", [(None, 512), (100, 100), (0, 0)])
+def test_inline_limit_asked_of_the_device(asked, granted):
+    """LAMINA_NET_IB_MAX_INLINE is what the QP asks for (default 512 B, all
+    that rxe offers); the connection reports what the device granted, and a
+    benchmark round over it completes (every write landed)."""
+    env = dict(os.environ, LAMINA_NET_LOG="debug")
+    env.pop("LAMINA_NET_IB_MAX_INLINE", None)
+    if asked is not None:
+        env["LAMINA_NET_IB_MAX_INLINE"] = str(asked)
+    proc = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--transport", "verbs",
+                           "--op", "write", "--sizes", "8,512,520", "--iterations", "50", "--warmup", "5",
+                           "--no-reference", "--baseline", "none"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    reported = {int(m) for m in re.findall(r"verbs: rank \d connected .*, inline (\d+)", proc.stderr)}
+    assert reported == {granted}, proc.stderr[-2000:]
 
 
 def test_latency_bench_and_bare_reference_run_over_verbs(tmp_path):

@@ -102,8 +102,8 @@ def put_sizes(rank, world, store, sizes, seed):
 
 
 def staged_put_burst(rank, world, store, count, size):
-    """`count` back-to-back puts of `size` bytes (copied through the staging
-    slots: above the inline limit, at most one chunk) from one buffer that is
+    """`count` back-to-back puts of `size` bytes (inlined, or above the
+    inline limit copied through the staging slots) from one buffer that is
     rewritten between puts, no wait in between, then one signal. The staging
     pool is much smaller than `count` and most of those puts are posted
     unsignaled, so its slots must come back in batches; each put must carry
@@ -277,6 +277,36 @@ def many_messages(rank, world, store, count):
         assert (slots == np.arange(1, count + 1, dtype=np.uint64)).all()
         ep.barrier("done")
         return count
+
+
+def taken_over_after_driving(rank, world, store, messages, away_s):
+    """Rank 0 spins in a wait (driving its connection) until rank 1 signals,
+    then leaves for `away_s` without calling into lamina-net. Rank 1 then
+    sends more messages than rank 0 has receive credits: they go through only
+    if rank 0's progress thread takes over (buffers them and returns the
+    credits) while its user thread is away. Rank 1 returns how long the
+    sends took; rank 0 checks every message."""
+    peer = 1 - rank
+    with endpoint(rank, world, store, "takeover", timeout=60) as ep:
+        word = np.zeros(1, np.uint64)
+        _, rs, ch, pt, ps = target_and_signal(ep, peer, word)
+        if rank == 0:
+            rs.wait(0, 1, timeout=30, channel=ch)
+            time.sleep(away_s)
+            ep.barrier("back")
+            buf = np.zeros(1024, np.uint8)
+            for i in range(messages):
+                n = ch.recv(buf, timeout=30)
+                assert n == 1024 and (buf == i % 251).all(), f"message {i} lost or reordered"
+            return messages
+        time.sleep(3.0)  # long enough for rank 0's progress thread to back off to its longest look
+        ch.put(word[:0], pt, 0, signal=ps)
+        t0 = time.monotonic()
+        for i in range(messages):
+            ch.send(np.full(1024, i % 251, np.uint8), timeout=30)
+        elapsed = time.monotonic() - t0
+        ep.barrier("back")
+        return elapsed
 
 
 def many_producers_one_word(rank, world, store, adds):

@@ -195,6 +195,10 @@ class TcpTransport : public Transport {
     getsockname(listen_fd_.get(), reinterpret_cast<sockaddr*>(&addr), &len);
     port_ = ntohs(addr.sin_port);
     set_nonblocking(listen_fd_.get());
+    // The accept thread sleeps until a peer dials or the transport goes (no
+    // periodic wake-up to take a core from a spinning thread).
+    stop_fd_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (stop_fd_.get() < 0) throw_errno("tcp transport: eventfd", errno);
     ctx_.store->set(ctx_.group_prefix + "/" + std::to_string(ctx_.rank) + "/tcp_addr",
                     host + ":" + std::to_string(port_));
     accept_thread_ = std::thread([this] {
@@ -205,6 +209,11 @@ class TcpTransport : public Transport {
 
   ~TcpTransport() override {
     stop_.store(true);
+    if (stop_fd_.get() >= 0) {
+      const uint64_t one = 1;
+      ssize_t ignored = ::write(stop_fd_.get(), &one, sizeof(one));
+      (void)ignored;  // a full counter already wakes the thread
+    }
     if (accept_thread_.joinable()) accept_thread_.join();
   }
 
@@ -308,8 +317,8 @@ class TcpTransport : public Transport {
 
   void accept_loop() {
     while (!stop_.load()) {
-      struct pollfd pfd = {listen_fd_.get(), POLLIN, 0};
-      if (::poll(&pfd, 1, 100) <= 0) continue;
+      struct pollfd pfds[2] = {{listen_fd_.get(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
+      if (::poll(pfds, 2, -1) <= 0 || !(pfds[0].revents & POLLIN)) continue;
       Fd fd(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
       if (fd.get() < 0) continue;
       HelloFrame hello;
@@ -341,6 +350,7 @@ class TcpTransport : public Transport {
 
   TransportContext ctx_;
   Fd listen_fd_;
+  Fd stop_fd_;  // eventfd: written once, when the transport goes
   int port_ = 0;
   std::atomic<bool> stop_{false};
   std::thread accept_thread_;
