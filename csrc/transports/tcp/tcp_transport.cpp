@@ -161,11 +161,7 @@ class TcpStream : public ByteStream {
     struct pollfd pfd = {fd_.get(), POLLOUT, 0};
     ::poll(&pfd, 1, timeout_ms);
   }
-  void wake() override {
-    uint64_t one = 1;
-    ssize_t ignored = ::write(event_fd_.get(), &one, sizeof(one));
-    (void)ignored;
-  }
+  void wake() override { wake_eventfd(event_fd_.get()); }
   void shutdown() override { ::shutdown(fd_.get(), SHUT_RDWR); }
 
  private:
@@ -209,11 +205,7 @@ class TcpTransport : public Transport {
 
   ~TcpTransport() override {
     stop_.store(true);
-    if (stop_fd_.get() >= 0) {
-      const uint64_t one = 1;
-      ssize_t ignored = ::write(stop_fd_.get(), &one, sizeof(one));
-      (void)ignored;  // a full counter already wakes the thread
-    }
+    if (stop_fd_.get() >= 0) wake_eventfd(stop_fd_.get());
     if (accept_thread_.joinable()) accept_thread_.join();
   }
 

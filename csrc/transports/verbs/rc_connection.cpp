@@ -500,10 +500,7 @@ void RcConnection::stop_driving() {
 }
 
 void RcConnection::wake_progress_thread() {
-  if (wake_fd_ < 0) return;
-  const uint64_t one = 1;
-  ssize_t ignored = write(wake_fd_, &one, sizeof(one));
-  (void)ignored;  // a full counter already means "wake up"
+  if (wake_fd_ >= 0) wake_eventfd(wake_fd_);
 }
 
 void RcConnection::run_progress_thread() {
@@ -520,7 +517,7 @@ void RcConnection::run_progress_thread() {
       // Soft-RoCE, 5 ms looks cost ~10% of the round trip).
       const int until_grace_ms = static_cast<int>((kExternalDriveGraceNs - since) / 1'000'000) + 1;
       recheck_ms = recheck_ms == 0 ? until_grace_ms : std::min(recheck_ms * 2, kDrivenRecheckMaxMs);
-      if (poll(&fds[1], 1, std::max(until_grace_ms, recheck_ms)) <= 0) continue;
+      if (poll(&fds[1], 1, recheck_ms) <= 0) continue;
       recheck_ms = 0;  // stop_driving(): the user thread is going to sleep
     } else {
       recheck_ms = 0;

@@ -3,14 +3,14 @@
 // How each operation maps onto verbs (one QP, one CQ for both directions):
 // - put: RDMA WRITE. Host sources up to the QP's inline limit
 //   (IB_MAX_INLINE, 512 B asked; 220, 64 or 0 where the device grants less)
-//   are inlined. Larger host
-//   sources up to IB_STAGE_MAX (4 KiB; at most one chunk), and unregistered
-//   sources of any size, are copied into registered staging slots, so
-//   post_put returns at once and back-to-back puts overlap. A source inside a
-//   region registered with this transport and above IB_STAGE_MAX (or in GPU
-//   memory) is written zero-copy, as ib_write_lat and NVSHMEM do, and
-//   post_put waits for its completion, because the contract lets the caller
-//   reuse the source as soon as post_put returns - unless the put has an
+//   are inlined. Larger host sources up to IB_STAGE_MAX (4 KiB; at most one
+//   chunk), and unregistered sources of any size, are copied into
+//   registered staging slots, so post_put returns at once and back-to-back
+//   puts overlap. A source inside a region registered with this transport
+//   and above IB_STAGE_MAX (or in GPU memory) is written zero-copy, as
+//   ib_write_lat and NVSHMEM do, and post_put waits for its completion,
+//   because the contract lets the caller reuse the source as soon as
+//   post_put returns - unless the put has an
 //   OpState (iput): then the caller keeps the source until it completes, and
 //   post_put returns at once. Why 4 KiB: above it the copy costs about as
 //   much as the wire time it would hide, and in a ping-pong the wait for the
@@ -59,13 +59,14 @@
 // Progress: a thread calling progress() in a loop drives the connection.
 // When nobody has for 5 ms (or stop_driving() was called), the connection's
 // own progress thread takes over. While a user thread keeps driving, the
-// progress thread looks again after 5, 10, 20, then every 40 ms (each look
-// takes a core from a spinning thread when the cores are all busy), so a
-// user thread that stops driving without stop_driving() is taken over within
-// 45 ms at worst, and within 5 ms after a short drive. Taken over, it
+// progress thread looks again after about 5, 10, 20, then every 40 ms (each
+// look takes a core from a spinning thread when the cores are all busy), so
+// a user thread that stops driving without stop_driving() is taken over
+// within 45 ms at worst, and within 5 ms after a short drive. Taken over, it
 // sleeps on the CQ's completion channel (woken per completion, and at least
-// every 100 ms for keepalive and the peer's close flag), so messages are buffered, credits returned, failures
-// detected and on_inbound called even while the user is busy elsewhere.
+// every 100 ms for keepalive and the peer's close flag), so messages are
+// buffered, credits returned, failures detected and on_inbound called even
+// while the user is busy elsewhere.
 // One-sided writes into our regions raise no completion here: a thread that
 // waits for a signal word polls memory (wait_inbound keeps the short default).
 //
