@@ -115,6 +115,32 @@ def test_endpoint_lifecycle_is_idempotent_and_typed():
         ln.Endpoint(0, 1, "127.0.0.1:1", transports=("ipoac",))
 
 
+def test_signal_wait_keeps_its_bound_and_sees_a_late_write():
+    # The wait's deadline starts at its first look, not at the call (no clock
+    # read in waits that end sooner): it must still time out after the bound,
+    # not before and not much after, and a write that lands in the middle
+    # must end it.
+    with ln.StoreServer() as server, \
+            ln.Endpoint(0, 1, server.address, group="bound", timeout=5, transports=("tcp",)) as ep:
+        words = np.zeros(2, np.uint64)
+        r = ep.register(words)
+        for bound in (0.05, 0.3):
+            t0 = time.monotonic()
+            with pytest.raises(ln.TimeoutError, match="value is 0"):
+                r.wait(0, 1, timeout=bound)
+            assert bound <= time.monotonic() - t0 < bound + 1.0
+        t0 = time.monotonic()
+        with pytest.raises(ln.TimeoutError):
+            r.wait(0, 1, timeout=0)
+        assert time.monotonic() - t0 < 0.5
+        writer = threading.Timer(0.2, lambda: words.__setitem__(1, 7))
+        writer.start()
+        t0 = time.monotonic()
+        r.wait(8, 7, timeout=10)
+        assert 0.15 <= time.monotonic() - t0 < 5
+        writer.join()
+
+
 def test_endpoint_needs_its_peers_store_within_timeout():
     t0 = time.monotonic()
     with pytest.raises(ln.TimeoutError):

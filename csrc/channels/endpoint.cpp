@@ -171,8 +171,8 @@ void Channel::wait(const OpRef& op, double timeout_s, const std::string& what) {
   if (!op) return;
   double bound = resolve(timeout_s);
   Connection* conn = connection_.get();
-  endpoint_->wait_until([&] { return op->done() || conn->failed(nullptr); }, Deadline::after_seconds(bound),
-                        std::span<Connection* const>(&conn, 1));
+  endpoint_->wait_until([&] { return op->done() || conn->failed(nullptr); },
+                        Deadline::after_seconds_from_first_look(bound), std::span<Connection* const>(&conn, 1));
   if (op->failed()) throw_op_error(*op);
   if (op->done()) return;
   std::string why;
@@ -455,7 +455,7 @@ void Endpoint::wait_signal(const Region& region, uint64_t offset, uint64_t value
   // than the memory read and delays noticing the signal).
   bool sparse = !drive.empty();
   for (Connection* c : drive) sparse &= c->inbound_writes_need_no_progress();
-  wait_until(reached, Deadline::after_seconds(bound), drive, sparse);
+  wait_until(reached, Deadline::after_seconds_from_first_look(bound), drive, sparse);
   uint64_t seen = __atomic_load_n(word, __ATOMIC_ACQUIRE);
   if (seen >= value) return;
   std::string why;

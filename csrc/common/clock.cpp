@@ -32,6 +32,7 @@ uint64_t cycles_for_ns(uint64_t ns) {
 }
 
 int Deadline::remaining_ms(int cap_ms) const {
+  start_if_lazy();
   if (at_ns_ == UINT64_MAX) return cap_ms;
   uint64_t now = coarse_now_ns();
   if (now >= at_ns_) return 0;

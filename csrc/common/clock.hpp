@@ -56,7 +56,17 @@ class Deadline {
  public:
   static Deadline after_seconds(double seconds) {
     Deadline d;
-    d.at_ns_ = seconds <= 0 ? 0 : coarse_now_ns() + static_cast<uint64_t>(seconds * 1e9) + coarse_tick_ns();
+    d.at_ns_ = seconds <= 0 ? 0 : coarse_now_ns() + bound_ns(seconds);
+    return d;
+  }
+  // The same bound, counted from the first expired() / remaining_ms() /
+  // at_ns() instead of from now: for waits that mostly end before they first
+  // look (a ping-pong round), which then read no clock at all. Only for a
+  // caller that looks within microseconds of starting (wait_until looks
+  // every 128th poll), so the wait is still bounded by `seconds` plus that.
+  static Deadline after_seconds_from_first_look(double seconds) {
+    Deadline d;
+    if (seconds > 0) d.lazy_bound_ns_ = bound_ns(seconds);
     return d;
   }
   static Deadline never() {
@@ -64,13 +74,28 @@ class Deadline {
     d.at_ns_ = UINT64_MAX;
     return d;
   }
-  bool expired() const { return at_ns_ != UINT64_MAX && coarse_now_ns() >= at_ns_; }
+  bool expired() const {
+    start_if_lazy();
+    return at_ns_ != UINT64_MAX && coarse_now_ns() >= at_ns_;
+  }
   // Remaining time in ms for poll()/futex, clamped to [0, cap_ms].
   int remaining_ms(int cap_ms) const;
-  uint64_t at_ns() const { return at_ns_; }
+  uint64_t at_ns() const {
+    start_if_lazy();
+    return at_ns_;
+  }
 
  private:
-  uint64_t at_ns_ = 0;
+  static uint64_t bound_ns(double seconds) { return static_cast<uint64_t>(seconds * 1e9) + coarse_tick_ns(); }
+  void start_if_lazy() const {
+    if (lazy_bound_ns_ != 0) {
+      at_ns_ = coarse_now_ns() + lazy_bound_ns_;
+      lazy_bound_ns_ = 0;
+    }
+  }
+
+  mutable uint64_t at_ns_ = 0;
+  mutable uint64_t lazy_bound_ns_ = 0;  // != 0: not started yet
 };
 
 inline void cpu_relax() {

@@ -385,7 +385,8 @@ std::unique_ptr<RcConnection> RcConnection::connect(std::shared_ptr<VerbsDevice>
                std::to_string(peer.qpn) + ", inline " + std::to_string(connection->max_inline_));
   {
     std::lock_guard<std::mutex> lock(connection->state_mutex_);
-    connection->last_post_ns_ = coarse_now_ns();
+    connection->seq_at_last_look_ = connection->next_seq_;
+    connection->last_post_seen_ns_ = coarse_now_ns();
     connection->connected_ = true;
   }
   RcConnection* raw = connection.get();
@@ -785,7 +786,15 @@ void RcConnection::return_credits_locked() {
 void RcConnection::maybe_probe_locked() {
   if (config_.keepalive_ms == 0 || send_queue_free() == 0) return;
   if (pending_recvs_.empty() && !waiting_for_peer_) return;
-  if (coarse_now_ns() - last_post_ns_ < uint64_t(config_.keepalive_ms) * 1'000'000) return;
+  // Posts are counted (next_seq_), not timed: the clock is read here, while
+  // someone waits, instead of on every post.
+  const uint64_t now = coarse_now_ns();
+  if (next_seq_ != seq_at_last_look_) {
+    seq_at_last_look_ = next_seq_;
+    last_post_seen_ns_ = now;
+    return;
+  }
+  if (now - last_post_seen_ns_ < uint64_t(config_.keepalive_ms) * 1'000'000) return;
   post_empty_write_locked(WrKind::kProbe, nullptr);
 }
 
@@ -845,7 +854,6 @@ uint64_t RcConnection::post_wrs_locked(ibv_send_wr* wrs, InFlight* entries, int 
     fail_locked(reason);  // the connection is unusable; its buffers go with it
     throw_system(reason);
   }
-  last_post_ns_ = coarse_now_ns();
   for (int i = 0; i < count; ++i) in_flight_.push_back(std::move(entries[i]));
   return wrs[count - 1].wr_id;
 }

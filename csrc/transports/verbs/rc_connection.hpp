@@ -52,7 +52,8 @@
 // Failure: a work completion with an error status fails the connection with
 // ibv_wc_status_str text (never read as "not done yet"); the QP is moved to
 // the error state so the peer notices too. While receives or senders wait and
-// nothing was posted for IB_KEEPALIVE_MS, a zero-length WRITE probes the
+// their progress saw nothing posted for IB_KEEPALIVE_MS (posts are counted,
+// not timed: no clock read per post), a zero-length WRITE probes the
 // peer, so a peer that died is detected by the transport retry
 // limit ((IB_RETRY_CNT + 1) x 4.096us x 2^IB_TIMEOUT, ~0.5 s by default).
 //
@@ -299,7 +300,8 @@ class RcConnection final : public Connection {
   bool peer_closed_ = false;
   uint64_t next_seq_ = 1;
   uint32_t unsignaled_run_ = 0;
-  uint64_t last_post_ns_ = 0;
+  uint64_t seq_at_last_look_ = 0;   // next_seq_ when maybe_probe_locked last saw it change
+  uint64_t last_post_seen_ns_ = 0;  // ... and when
   std::deque<InFlight> in_flight_;
   std::vector<int> free_staging_;
   std::vector<int> free_scratch_;
