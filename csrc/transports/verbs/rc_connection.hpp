@@ -10,11 +10,11 @@
 //   and above IB_STAGE_MAX (or in GPU memory) is written zero-copy, as
 //   ib_write_lat and NVSHMEM do, and post_put waits for its completion,
 //   because the contract lets the caller reuse the source as soon as
-//   post_put returns - unless the put has an
-//   OpState (iput): then the caller keeps the source until it completes, and
-//   post_put returns at once. Why 4 KiB: above it the copy costs about as
-//   much as the wire time it would hide, and in a ping-pong the wait for the
-//   acknowledgement overlaps the peer's reply anyway. Staged WRs are
+//   post_put returns - unless the put has an OpState (iput): then the
+//   caller keeps the source until it completes, and post_put returns at
+//   once. Why 4 KiB: above it the copy costs about as much as the wire time
+//   it would hide, and in a ping-pong the wait for the acknowledgement
+//   overlaps the peer's reply anyway. Staged WRs are
 //   signaled only once half the staging slots are taken (a completion
 //   retires every earlier WR of the QP), so small puts do not cost a
 //   completion each.
