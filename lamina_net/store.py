@@ -13,6 +13,7 @@ independent peers (e.g. interoperability tests) can load it by path.
 from __future__ import annotations
 
 import builtins
+import selectors
 import socket
 import socketserver
 import struct
@@ -76,7 +77,7 @@ class _Handler(socketserver.BaseRequestHandler):
                             left = deadline - time.monotonic()
                             if left <= 0 or server.stopping:
                                 break
-                            server.cond.wait(min(left, 0.5))
+                            server.cond.wait(left)  # close() notifies too
                         value = server.data.get(key)
                     if value is None:
                         _send_fields(sock, bytes([_STATUS_TIMEOUT]))
@@ -112,10 +113,26 @@ class StoreServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self._server = _Server((host, port))
+        # Never blocks in accept: the loop below only calls it once the
+        # socket is readable, and a client that vanished in between is skipped.
+        self._server.socket.setblocking(False)
         self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="lamina-net-store", daemon=True)
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, name="lamina-net-store", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        # Sleeps until a client connects or close() writes to the wake socket:
+        # no periodic wake-ups (socketserver's serve_forever polls 10 times a
+        # second, each a preemption of a rank spinning on a busy core).
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server.socket, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            while True:
+                ready = selector.select()
+                if any(key.fileobj is self._wake_reader for key, _ in ready):
+                    return
+                self._server.handle_request()
 
     @property
     def address(self) -> str:
@@ -128,9 +145,11 @@ class StoreServer:
         with self._server.cond:
             self._server.stopping = True
             self._server.cond.notify_all()
-        self._server.shutdown()
-        self._server.server_close()
+        self._wake_writer.send(b"x")
         self._thread.join(timeout=5)
+        self._server.server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
         self._thread = None
 
     def __enter__(self):

@@ -166,6 +166,29 @@ def test_store_set_get_add_and_timeout():
         a.close()
 
 
+def _context_switches(thread: threading.Thread) -> int:
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+
+
+def test_idle_store_server_sleeps_and_closes_promptly():
+    # An idle store must not wake up periodically: each wake-up preempts a
+    # rank spinning on a busy core.
+    server = ln.StoreServer()
+    serving = server._thread
+    before = _context_switches(serving)
+    time.sleep(0.6)
+    assert _context_switches(serving) - before <= 1
+    client = ln.StoreClient(server.host, server.port)
+    client.set("k", b"v")
+    assert client.get("k", 1) == b"v"
+    t0 = time.monotonic()
+    server.close()
+    server.close()
+    assert time.monotonic() - t0 < 1 and not serving.is_alive()
+    client.close()
+
+
 def test_torch_store_is_accepted():
     pytest.importorskip("torch")
     import datetime
