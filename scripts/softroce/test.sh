@@ -25,6 +25,9 @@ pytest_args=""
 if (($#)); then pytest_args=$(printf ' %q' "$@"); fi
 bench_cmd=true
 if [ "$run_bench" = 1 ]; then
+  # The benchmark alone takes ~30 min under TCG (each size a lamina-net /
+  # perftest pair, five rounds): give the boot an hour unless told otherwise.
+  export LAMINA_GUEST_TIMEOUT=${LAMINA_GUEST_TIMEOUT:-3600}
   bench_cmd='.venv/bin/python bench/verbs_vs_perftest.py --json "$LAMINA_GUEST_OUT/bench.json" 2>&1 | tee "$LAMINA_GUEST_OUT/bench.log"; bench_rc=${PIPESTATUS[0]}'
 fi
 # The guest's root file system is read-only: no pytest cache, no bytecode.
