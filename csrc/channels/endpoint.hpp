@@ -192,8 +192,9 @@ bool Endpoint::wait_until(Done done, Deadline deadline, std::span<Connection* co
       // Short waits (a ping-pong round) poll flat out: no pause, no system
       // call. A pause takes ~140 cycles on Intel cores since Skylake and,
       // under emulation, a trip out of the translated code - either one is
-      // added to noticing the arrival. Longer waits pause, and yield now and then: on an
-      // oversubscribed machine the peer we wait for may need this core.
+      // added to noticing the arrival. Longer waits pause, and yield now and
+      // then: on an oversubscribed machine the peer we wait for may need
+      // this core.
       if (spins > 1024) {
         if ((spins & 63) == 0) sched_yield();
         cpu_relax();

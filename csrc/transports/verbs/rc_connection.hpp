@@ -14,10 +14,9 @@
 //   caller keeps the source until it completes, and post_put returns at
 //   once. Why 4 KiB: above it the copy costs about as much as the wire time
 //   it would hide, and in a ping-pong the wait for the acknowledgement
-//   overlaps the peer's reply anyway. Staged WRs are
-//   signaled only once half the staging slots are taken (a completion
-//   retires every earlier WR of the QP), so small puts do not cost a
-//   completion each.
+//   overlaps the peer's reply anyway. Staged WRs are signaled only once half
+//   the staging slots are taken (a completion retires every earlier WR of
+//   the QP), so small puts do not cost a completion each.
 //   try_post_small_put is the inlined or staged WRITE with one lock and no
 //   waiting: the latency path for puts up to IB_STAGE_MAX (a decode step's
 //   activations).
