@@ -281,6 +281,7 @@ def bad_inputs(rank, world, store, transport):
         ch.close()
         ch.close()
         expect("closed channel", lambda: ch.send(data))
+        expect("closed channel put", lambda: ch.put(data[:8], pb, 0))
         results["nothing written"] = "ok" if not buf[64:].any() and not ro.any() and sig[1] == 0 else "written!"
     ep.close()
     expect("closed endpoint", lambda: ep.register(np.zeros(8)))

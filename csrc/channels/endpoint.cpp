@@ -72,7 +72,11 @@ namespace {
 }  // namespace
 
 Channel::Channel(Endpoint* endpoint, int peer, std::string transport, std::unique_ptr<Connection> connection)
-    : endpoint_(endpoint), peer_(peer), transport_(std::move(transport)), connection_(std::move(connection)) {}
+    : endpoint_(endpoint),
+      group_id_(endpoint->group_id()),
+      peer_(peer),
+      transport_(std::move(transport)),
+      connection_(std::move(connection)) {}
 
 Channel::~Channel() { close(); }
 
@@ -89,7 +93,7 @@ double Channel::resolve(double timeout_s) const {
 
 void Channel::check_target(const RegionDescriptor& d, uint64_t offset, uint64_t len, uint32_t need,
                            const char* what) const {
-  if (d.group_id != endpoint_->group_id()) throw_usage(std::string(what) + ": descriptor belongs to another group");
+  if (d.group_id != group_id_) throw_usage(std::string(what) + ": descriptor belongs to another group");
   if (static_cast<int>(d.owner_rank) != peer_) {
     throw_usage(std::string(what) + ": descriptor of rank " + std::to_string(d.owner_rank) +
                 " used on the channel to rank " + std::to_string(peer_));
@@ -103,8 +107,8 @@ void Channel::check_target(const RegionDescriptor& d, uint64_t offset, uint64_t 
   }
 }
 
-OpRef Channel::put(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
-                   const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device) {
+OpRef Channel::put_general(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
+                           const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device) {
   check_open();
   if (len > 0 && src == nullptr) throw_usage("put: null source");
   check_target(dst, dst_offset, len, kAccessRemoteWrite, "put");
@@ -115,10 +119,6 @@ OpRef Channel::put(const void* src, uint64_t len, const RegionDescriptor& dst, u
   }
   if (src_device) cuda_check_device_range(src, len);
   RemoteSlice remote{dst, dst_offset};
-  // The latency path: no op state, no deadline, no region lookup.
-  if (signal == nullptr && !want_completion && !src_device && connection_->try_post_small_put(src, len, remote)) {
-    return nullptr;
-  }
   LocalSlice slice;
   slice.ptr = src;
   slice.len = len;
@@ -422,6 +422,10 @@ void Endpoint::notify_inbound() {
   }
 }
 
+namespace {
+constexpr int kFlatSignalPolls = 4096;
+}  // namespace
+
 void Endpoint::wait_signal(const Region& region, uint64_t offset, uint64_t value, double timeout_s,
                            Channel* channel) {
   if (offset % 8 != 0 || !region.contains(offset, 8)) {
@@ -455,6 +459,17 @@ void Endpoint::wait_signal(const Region& region, uint64_t offset, uint64_t value
   // than the memory read and delays noticing the signal).
   bool sparse = !drive.empty();
   for (Connection* c : drive) sparse &= c->inbound_writes_need_no_progress();
+  if (sparse) {
+    // On a latency path the word most often lands within a few thousand
+    // polls (~4 us on a native core): poll it alone first - no progress, no
+    // clock, no failure check, no call - and only then start the bounded
+    // wait, which does them. Under emulation each of those in the loop
+    // delays the moment the word is seen (docs/verbs.md). Only where the
+    // word changes without our progress: tcp and shm deliver by progress.
+    for (int i = 0; i < kFlatSignalPolls; ++i) {
+      if (__atomic_load_n(word, __ATOMIC_ACQUIRE) >= value) return;
+    }
+  }
   wait_until(reached, Deadline::after_seconds_from_first_look(bound), drive, sparse);
   uint64_t seen = __atomic_load_n(word, __ATOMIC_ACQUIRE);
   if (seen >= value) return;

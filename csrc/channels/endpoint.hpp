@@ -66,8 +66,19 @@ class Channel {
   // src_device: src is CUDA memory (dst may be GPU memory too, per its
   // descriptor); signal words are always host memory.
   // With want_completion, the returned op completes when applied at the target.
+  //
+  // Inline, so that a small put without signal or completion (the latency
+  // path) is the transport's post and checks on the descriptor, no more;
+  // everything else, and every error, goes through put_general.
   OpRef put(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
-            const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device = false);
+            const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device = false) {
+    if (signal == nullptr && !want_completion && !src_device && src != nullptr &&
+        !closed_.load(std::memory_order_acquire) && target_usable(dst, dst_offset, len, kAccessRemoteWrite) &&
+        connection_->try_post_small_put(src, len, RemoteSlice{dst, dst_offset})) {
+      return nullptr;
+    }
+    return put_general(src, len, dst, dst_offset, signal, want_completion, timeout_s, src_device);
+  }
   OpRef atomic_add(const RegionDescriptor& dst, uint64_t offset, uint64_t value, double timeout_s);
   OpRef send(const void* data, uint64_t len, double timeout_s);
   OpRef recv(void* buffer, uint64_t capacity);
@@ -86,9 +97,17 @@ class Channel {
  private:
   void check_open() const;
   void check_target(const RegionDescriptor& d, uint64_t offset, uint64_t len, uint32_t need, const char* what) const;
+  // check_target's conditions without the messages.
+  bool target_usable(const RegionDescriptor& d, uint64_t offset, uint64_t len, uint32_t need) const {
+    return d.group_id == group_id_ && static_cast<int>(d.owner_rank) == peer_ && (d.access & need) == need &&
+           d.contains(offset, len);
+  }
+  OpRef put_general(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
+                    const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device);
   double resolve(double timeout_s) const;
 
   Endpoint* endpoint_;
+  uint64_t group_id_;  // the endpoint's, fixed: read on every put
   int peer_;
   std::string transport_;
   std::unique_ptr<Connection> connection_;
@@ -123,6 +142,9 @@ class Endpoint {
 
   // Waits until the u64 at region[offset] >= value. With `channel`, fails fast
   // when that channel fails; without, drives every channel and only times out.
+  // Over transports whose writes land without progress (verbs), the first
+  // few thousand polls read the word only (a word reached then returns even
+  // if the channel failed meanwhile: the signal arrived).
   void wait_signal(const Region& region, uint64_t offset, uint64_t value, double timeout_s, Channel* channel);
 
   // Wake-up plumbing for waiting threads (called by transports on inbound).

@@ -32,6 +32,12 @@ def test_every_operation():
     assert results == {0: 1, 1: 1}
 
 
+def test_bad_inputs_raise_usage_errors_and_write_nothing():
+    for rank, results in vr.run_ranks(vr.bad_inputs).items():
+        for name, outcome in results.items():
+            assert outcome.startswith("ok"), f"rank {rank}: {name}: {outcome}"
+
+
 @pytest.mark.parametrize("seed", [1])
 def test_put_sizes_random_offsets_checksums(seed):
     results = vr.run_ranks(vr.put_sizes, args=(PUT_SIZES, seed), timeout=400)
@@ -203,3 +209,21 @@ def test_latency_bench_and_bare_reference_run_over_verbs(tmp_path):
     for mode in ("write", "write+atomic", "write+write"):
         out = vp.bare_verbs_latency(device, gid, mode, [8, 4096], 50)
         assert sorted(out) == [8, 4096] and all(v["p50_us"] > 0 for v in out.values()), (mode, out)
+
+
+def test_paired_bandwidth_rounds_of_the_benchmark(tmp_path):
+    """bench/verbs_vs_perftest.py --bandwidth-only: lamina-net iput streams and
+    ib_write_bw, paired by round; the JSON holds every pair and the median."""
+    import shutil
+
+    if shutil.which("ib_write_bw") is None:
+        pytest.skip("perftest is not installed")
+    path = tmp_path / "bw.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "verbs_vs_perftest.py"), "--bandwidth-only",
+                           "--rounds", "2", "--bw-target-sizes", "65536", "--bw-bytes", str(4 << 20),
+                           "--json", str(path)], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pairs = json.loads(path.read_text())["bandwidth_pairs"]["65536"]
+    assert len(pairs["pair_ratios"]) == 2 and all(x > 0 for x in pairs["lamina_gbps"] + pairs["ib_write_bw_gbps"])
+    assert pairs["pair_ratios"] == [a / b for a, b in zip(pairs["lamina_gbps"], pairs["ib_write_bw_gbps"])]
+    assert "median pair ratio" in proc.stdout

@@ -57,6 +57,12 @@ def target_and_signal(ep, peer, target):
 # --------------------------------------------------------------------------- bodies
 
 
+def bad_inputs(rank, world, store):
+    """The tier-0 bad-input body over verbs, where a small put takes the
+    transport's fast path: it must refuse what the full checks refuse."""
+    return _workers.bad_inputs(rank, world, store, VERBS)
+
+
 def every_operation(rank, world, store):
     """put, put+signal, iput, atomic add, send/recv, flush; both directions (the tier-0 body, over verbs)."""
     return _workers.every_op(rank, world, store, VERBS)
