@@ -246,6 +246,13 @@ def main() -> int:
                 break
         return result
 
+    def perftest_bandwidth(size: int) -> dict:
+        return run_perftest("ib_write_bw", device, port, gid, size, max(64, min(5000, args.bw_bytes // size)))
+
+    def pair_order(round_index: int) -> tuple[str, str]:
+        """Which program of a pair runs first: lamina-net in even rounds, perftest in odd ones."""
+        return ("lamina", "perftest") if round_index % 2 == 0 else ("perftest", "lamina")
+
     # Bandwidth at the target sizes, in pairs like latency (a single sweep of
     # each program, minutes apart, moved between 0.88x and 0.96x at 1 MiB).
     bw_sizes = [int(s) for s in args.bw_target_sizes.split(",") if s]
@@ -253,12 +260,11 @@ def main() -> int:
     for r in range(args.rounds):
         for s in bw_sizes:
             got = {}
-            for program in (("lamina", "perftest") if r % 2 == 0 else ("perftest", "lamina")):
+            for program in pair_order(r):
                 if program == "lamina":
                     got["lamina"] = lamina_bandwidth([s], args.bw_bytes)[s]["gbps"]
                 else:
-                    got["perftest"] = run_perftest("ib_write_bw", device, port, gid, s,
-                                                   max(64, min(5000, args.bw_bytes // s)))["gbps"]
+                    got["perftest"] = perftest_bandwidth(s)["gbps"]
             bw_pairs[s]["lamina_gbps"].append(got["lamina"])
             bw_pairs[s]["ib_write_bw_gbps"].append(got["perftest"])
             bw_pairs[s]["pair_ratios"].append(got["lamina"] / got["perftest"] if got["perftest"] else float("nan"))
@@ -287,7 +293,7 @@ def main() -> int:
     rounds_bare: list[dict] = []
     for r in range(args.rounds):
         for s in sizes:
-            for program in (("lamina", "perftest") if r % 2 == 0 else ("perftest", "lamina")):
+            for program in pair_order(r):
                 if program == "lamina":
                     rounds_write[r].update(lamina_latency([s], iterations_for(s), "write", args.spin_us))
                 else:
@@ -313,8 +319,7 @@ def main() -> int:
     for mode in ("write+atomic", "write+write"):
         bare[mode] = bare_verbs_latency(device, gid, mode, sizes, args.iterations)
     bw = lamina_bandwidth(sizes, args.bw_bytes)
-    perf_bw = {s: run_perftest("ib_write_bw", device, port, gid, s, max(64, min(5000, args.bw_bytes // s)))
-               for s in sizes}
+    perf_bw = {s: perftest_bandwidth(s) for s in sizes}
 
     def cell(table: dict, s: int) -> str:
         return f"{table[s]['p50_us']:.2f}" if s in table else "-"
