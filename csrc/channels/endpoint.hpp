@@ -97,7 +97,8 @@ class Channel {
  private:
   void check_open() const;
   void check_target(const RegionDescriptor& d, uint64_t offset, uint64_t len, uint32_t need, const char* what) const;
-  // check_target's conditions without the messages.
+  // check_target's conditions without the messages; the inline put relies on
+  // this one alone, so a condition added to one belongs in both.
   bool target_usable(const RegionDescriptor& d, uint64_t offset, uint64_t len, uint32_t need) const {
     return d.group_id == group_id_ && static_cast<int>(d.owner_rank) == peer_ && (d.access & need) == need &&
            d.contains(offset, len);
