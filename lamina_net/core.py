@@ -421,6 +421,25 @@ class Channel:
         op = handle.flush(_check_timeout(timeout))
         handle.wait(op, _check_timeout(timeout), "flush")
 
+    def device(self, local=(), remote=(), *, ring_slots: Optional[int] = None, timeout: Optional[float] = None,
+               gpu: Optional[bool] = None, spin_us: Optional[int] = None) -> "DeviceChannel":
+        """A :class:`~lamina_net.device.DeviceChannel` on this channel, for kernels (or CPU threads).
+
+        ``local``: Regions of this endpoint (local windows: put sources, signal
+        words to wait on); ``remote``: the peer's RemoteRegions (remote windows).
+        ``gpu``: ring in mapped pinned memory for kernels (default: when a
+        local window is CUDA memory). See ``lamina_net/device.cuh``.
+        """
+        from .device import DeviceChannel
+
+        return DeviceChannel(self, local, remote, ring_slots=ring_slots, timeout=timeout, gpu=gpu, spin_us=spin_us)
+
+    def device_handle(self, local=(), remote=(), **options) -> bytes:
+        """The handle bytes of a new device channel kept with this channel (closed with it)."""
+        dev = self.device(local, remote, **options)
+        self._device_channels = [d for d in getattr(self, "_device_channels", []) if not d.closed] + [dev]
+        return dev.handle()
+
     def failed(self) -> Optional[str]:
         """The reason this channel failed, or None."""
         if self._handle is None:
@@ -430,6 +449,8 @@ class Channel:
 
     def close(self) -> None:
         """Closes the channel; the peer sees 'closed'. Idempotent."""
+        for dev in getattr(self, "_device_channels", []):
+            dev.close()  # proxies stop before their channel closes
         if self._handle is not None:
             self._handle.close()  # after this the transport writes into no buffer
             self._pending_recvs = []

@@ -141,6 +141,14 @@ OpRef Channel::atomic_add(const RegionDescriptor& dst, uint64_t offset, uint64_t
   return op;
 }
 
+void Channel::signal(const RemoteWord& word, double timeout_s) {
+  check_open();
+  if (word.offset % 8 != 0) throw_usage("signal: offset must be 8-byte aligned");
+  check_target(word.target, word.offset, 8, kAccessRemoteAtomic, "signal");
+  if (word.target.kind != MemoryKind::kHost) throw_usage("signal: signal words must be host memory");
+  connection_->post_atomic_add(word, nullptr, Deadline::after_seconds(resolve(timeout_s)));
+}
+
 OpRef Channel::send(const void* data, uint64_t len, double timeout_s) {
   check_open();
   if (len > 0 && data == nullptr) throw_usage("send: null buffer");
@@ -481,8 +489,23 @@ void Endpoint::wait_signal(const Region& region, uint64_t offset, uint64_t value
                 " timed out after " + buf + " s (value is " + std::to_string(seen) + ")");
 }
 
+void Endpoint::attach(std::weak_ptr<EndpointAttachment> attachment) {
+  std::lock_guard<std::mutex> lock(channels_mutex_);
+  // Drop the ones already gone, so a long-lived endpoint does not grow.
+  std::erase_if(attachments_, [](const auto& a) { return a.expired(); });
+  attachments_.push_back(std::move(attachment));
+}
+
 void Endpoint::close() {
   if (closed_.exchange(true)) return;
+  std::vector<std::weak_ptr<EndpointAttachment>> attachments;
+  {
+    std::lock_guard<std::mutex> lock(channels_mutex_);
+    attachments.swap(attachments_);
+  }
+  for (auto& weak : attachments) {
+    if (auto a = weak.lock()) a->close();
+  }
   for (auto& ch : channels_snapshot()) ch->close();
   {
     std::lock_guard<std::mutex> lock(channels_mutex_);

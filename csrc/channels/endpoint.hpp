@@ -53,6 +53,15 @@ struct EndpointOptions {
 
 class Endpoint;
 
+// Something built on an endpoint's channels and regions that must stop
+// before they close (the device proxy): Endpoint::close() closes every live
+// attachment first.
+class EndpointAttachment {
+ public:
+  virtual ~EndpointAttachment() = default;
+  virtual void close() = 0;  // idempotent
+};
+
 class Channel {
  public:
   Channel(Endpoint* endpoint, int peer, std::string transport, std::unique_ptr<Connection> connection);
@@ -80,6 +89,10 @@ class Channel {
     return put_general(src, len, dst, dst_offset, signal, want_completion, timeout_s, src_device);
   }
   OpRef atomic_add(const RegionDescriptor& dst, uint64_t offset, uint64_t value, double timeout_s);
+  // A signal with no data: add word.add to the peer's word, ordered after
+  // every put issued before it; returns once posted (no old value, nothing
+  // allocated). The same checks as atomic_add.
+  void signal(const RemoteWord& word, double timeout_s);
   OpRef send(const void* data, uint64_t len, double timeout_s);
   OpRef recv(void* buffer, uint64_t capacity);
   OpRef flush(double timeout_s);
@@ -158,6 +171,9 @@ class Endpoint {
   template <typename Done>
   bool wait_until(Done done, Deadline deadline, std::span<Connection* const> drive, bool sparse_progress = false);
 
+  // Closed (in attach order) before the channels when the endpoint closes.
+  void attach(std::weak_ptr<EndpointAttachment> attachment);
+
   void close();
   bool closed() const { return closed_.load(); }
 
@@ -176,6 +192,7 @@ class Endpoint {
   std::string verbs_unavailable_;
   std::mutex channels_mutex_;
   std::map<std::pair<int, int>, std::shared_ptr<Channel>> channels_;  // (peer, tag)
+  std::vector<std::weak_ptr<EndpointAttachment>> attachments_;          // under channels_mutex_
   std::atomic<uint32_t> event_seq_{0};
   std::atomic<int> sleepers_{0};
   uint64_t spin_cycles_;  // LAMINA_NET_SPIN_US in cycle_counter() ticks

@@ -18,6 +18,8 @@ const std::vector<SettingInfo>& all_settings() {
       {"SHM_DIRECT_MIN", "0", "puts of at least this many bytes into a peer's shared allocation (Endpoint.alloc) are one memcpy straight into its memory, and signals/atomics there one atomic add (-1: never)"},
       {"SHM_SINGLE_COPY_MIN", "32768", "puts of at least this many bytes go straight into the peer's memory (process_vm_writev) instead of through the ring"},
       {"SPIN_US", "100", "microseconds a waiting thread spins before it sleeps"},
+      {"PROXY_SPIN_US", "200", "microseconds the device proxy spins on an empty ring of CPU producers before it sleeps until the next doorbell (rings of GPU producers never sleep)"},
+      {"DEVICE_RING_SLOTS", "1024", "descriptor slots of a device channel's ring (a power of two)"},
       {"MAX_UNEXPECTED_BYTES", "67108864", "bytes of received messages buffered per channel before a matching recv is posted; beyond it the sender is back-pressured"},
       {"IB_DEVICE", "", "verbs device name (default: first with an active port)"},
       {"IB_PORT", "0", "verbs port number (0: first active)"},

@@ -1,5 +1,7 @@
 #include "memory/cuda_memory.hpp"
 
+#include <cstring>
+
 #include "common/error.hpp"
 
 #ifdef LAMINA_HAVE_CUDA
@@ -45,6 +47,58 @@ void cuda_copy(void* dst, const void* src, uint64_t len) {
   check(cudaMemcpy(dst, src, len, cudaMemcpyDefault), "cudaMemcpy");
 }
 
+void* cuda_alloc_mapped_host(uint64_t size, void** device_ptr) {
+  int count = 0;
+  check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  if (count == 0) throw_system("CUDA not available: no CUDA device");
+  void* host = nullptr;
+  check(cudaHostAlloc(&host, size, cudaHostAllocMapped | cudaHostAllocPortable), "cudaHostAlloc");
+  std::memset(host, 0, size);
+  void* dev = nullptr;
+  cudaError_t rc = cudaHostGetDevicePointer(&dev, host, 0);
+  if (rc != cudaSuccess) {
+    cudaFreeHost(host);
+    check(rc, "cudaHostGetDevicePointer");
+  }
+  *device_ptr = dev;
+  return host;
+}
+
+void cuda_free_mapped_host(void* host_ptr) {
+  if (host_ptr) cudaFreeHost(host_ptr);
+}
+
+void* cuda_alloc_device(uint64_t size) {
+  void* p = nullptr;
+  check(cudaMalloc(&p, size), "cudaMalloc");
+  cudaError_t rc = cudaMemset(p, 0, size);
+  if (rc == cudaSuccess) rc = cudaDeviceSynchronize();
+  if (rc != cudaSuccess) {
+    cudaFree(p);
+    check(rc, "cudaMemset");
+  }
+  return p;
+}
+
+void cuda_free_device(void* ptr) {
+  if (ptr) cudaFree(ptr);
+}
+
+std::string cuda_versions() {
+  int runtime = 0, driver = 0;
+  cudaRuntimeGetVersion(&runtime);
+  cudaError_t rc = cudaDriverGetVersion(&driver);
+  auto v = [](int x) { return std::to_string(x / 1000) + "." + std::to_string((x % 1000) / 10); };
+  std::string out = "runtime " + v(runtime);
+  if (rc != cudaSuccess || driver == 0) return out + ", no CUDA driver";
+  out = "driver " + v(driver) + ", " + out;
+  if (driver < runtime) {
+    out += " (the driver is older than the runtime: GPU calls will fail; update the NVIDIA driver to one for CUDA " +
+           v(runtime) + " or newer)";
+  }
+  return out;
+}
+
 #else
 
 bool cuda_built() { return false; }
@@ -56,6 +110,16 @@ int cuda_check_device_range(const void*, uint64_t) {
 void cuda_copy(void*, const void*, uint64_t) {
   throw_usage("CUDA memory needs lamina-net built with CUDA (LAMINA_NET_WITH_CUDA=ON and the CUDA toolkit)");
 }
+
+void* cuda_alloc_mapped_host(uint64_t, void**) {
+  throw_usage("GPU device channels need lamina-net built with CUDA (LAMINA_NET_WITH_CUDA=ON and the CUDA toolkit)");
+}
+void cuda_free_mapped_host(void*) {}
+void* cuda_alloc_device(uint64_t) {
+  throw_usage("GPU device channels need lamina-net built with CUDA (LAMINA_NET_WITH_CUDA=ON and the CUDA toolkit)");
+}
+void cuda_free_device(void*) {}
+std::string cuda_versions() { return "built without CUDA"; }
 
 #endif
 

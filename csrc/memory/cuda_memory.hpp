@@ -23,4 +23,15 @@ int cuda_check_device_range(const void* ptr, uint64_t len);
 // Synchronous copy between any two of host / device memory (unified addressing).
 void cuda_copy(void* dst, const void* src, uint64_t len);
 
+// Pinned host memory mapped into every GPU's address space (zeroed), for
+// words both a kernel and a host thread touch (the device ring). *device_ptr
+// gets the address kernels use. Throws kSystem without a GPU.
+void* cuda_alloc_mapped_host(uint64_t size, void** device_ptr);
+void cuda_free_mapped_host(void* host_ptr);
+// Zeroed device memory on the current device.
+void* cuda_alloc_device(uint64_t size);
+void cuda_free_device(void* ptr);
+// "driver D, runtime R" (CUDA versions), or why there is no driver.
+std::string cuda_versions();
+
 }  // namespace lamina

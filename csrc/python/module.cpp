@@ -12,7 +12,9 @@
 #include "channels/pingpong.hpp"
 #include "common/error.hpp"
 #include "common/settings.hpp"
+#include "memory/cuda_memory.hpp"
 #include "memory/region.hpp"
+#include "proxy/device_proxy.hpp"
 #include "transports/factory.hpp"
 
 namespace py = pybind11;
@@ -101,6 +103,52 @@ PYBIND11_MODULE(_core, m) {
     bool ok = verbs_available(&why);
     return py::make_tuple(ok, why);
   });
+
+  m.attr("DEVICE_CHANNEL_BYTES") = sizeof(DeviceChannel);
+  m.attr("DEVICE_ABI_VERSION") = kDeviceAbiVersion;
+  m.attr("DEVICE_MAX_WINDOWS") = kMaxDeviceWindows;
+  m.def("cuda_versions", &cuda_versions);
+
+  py::class_<DeviceProxy, std::shared_ptr<DeviceProxy>>(m, "DeviceProxy")
+      .def(py::init([](Endpoint& ep, std::shared_ptr<Channel> ch, std::vector<std::shared_ptr<Region>> local,
+                       std::vector<RegionDescriptor> remote, uint64_t ring_slots, double timeout, bool gpu,
+                       int64_t spin_us) {
+             DeviceProxyOptions o;
+             o.ring_slots = ring_slots;
+             o.timeout_s = timeout;
+             o.gpu = gpu;
+             o.spin_us = spin_us;
+             py::gil_scoped_release release;
+             if (ep.closed()) throw_usage("endpoint is closed");
+             auto proxy = std::make_shared<DeviceProxy>(ep, std::move(ch), std::move(local), std::move(remote), o);
+             ep.attach(proxy);
+             return proxy;
+           }),
+           py::arg("endpoint"), py::arg("channel"), py::arg("local"), py::arg("remote"), py::arg("ring_slots"),
+           py::arg("timeout"), py::arg("gpu"), py::arg("spin_us"))
+      .def("handle_bytes",
+           [](const DeviceProxy& p) {
+             DeviceChannel h = p.handle();
+             return py::bytes(reinterpret_cast<const char*>(&h), sizeof(h));
+           })
+      .def_property_readonly("error_code", &DeviceProxy::error_code)
+      .def_property_readonly("error", &DeviceProxy::error)
+      .def_property_readonly("gpu", &DeviceProxy::gpu)
+      .def_property_readonly("device_path", &DeviceProxy::device_path)
+      .def_property_readonly("closed", &DeviceProxy::closed)
+      .def("stats",
+           [](const DeviceProxy& p) {
+             DeviceProxyStats s = p.stats();
+             py::dict d;
+             d["executed"] = s.executed;
+             d["parks"] = s.parks;
+             d["flushes"] = s.flushes;
+             return d;
+           })
+      .def("close", [](DeviceProxy& p) {
+        py::gil_scoped_release release;
+        p.close();
+      });
 
   py::class_<OpState, std::shared_ptr<OpState>>(m, "Op")
       .def_property_readonly("done", &OpState::done)

@@ -76,6 +76,15 @@ class OpState {
     }
     state_.store(kFailed, std::memory_order_release);
   }
+  // Makes a finished op pending again, for a poster that reuses its ops (the
+  // device proxy's flushes). Only when no transport still holds it.
+  void reset() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    error_.clear();
+    value_ = 0;
+    error_kind_ = ErrorKind::kSystem;
+    state_.store(kPending, std::memory_order_release);
+  }
 
  private:
   std::atomic<int> state_{kPending};
