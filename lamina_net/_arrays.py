@@ -100,3 +100,31 @@ def as_buffer(obj: Any, *, writable: bool = False) -> Buffer:
     if writable and buf.readonly:
         raise UsageError("array is read-only but is written to")
     return buf
+
+
+def wait_for_producer(obj: Any) -> None:
+    """Blocks until the stream work that produced GPU array ``obj`` is done.
+
+    What a host-path put of GPU memory does before any transport reads it
+    (tcp/shm copy it on a stream of lamina-net's own; verbs reads it in place):
+    torch tensors wait for torch's current stream on their device; other
+    objects for the ``stream`` of their ``__cuda_array_interface__`` (v3:
+    None means there is nothing to wait for). Nothing for host memory.
+    """
+    if type(obj).__module__.split(".")[0] == "torch":
+        if obj.device.type == "cuda":
+            import torch
+
+            torch.cuda.current_stream(obj.device).synchronize()
+        return
+    iface = getattr(obj, "__cuda_array_interface__", None)
+    if not isinstance(iface, dict):
+        return
+    stream = iface.get("stream")
+    if stream is None:
+        return
+    if isinstance(stream, bool) or not isinstance(stream, int) or stream <= 0:
+        raise UsageError(f"__cuda_array_interface__ 'stream' must be None or a positive cudaStream_t, got {stream!r}")
+    from . import _core
+
+    _core.cuda_stream_synchronize(stream)

@@ -1,10 +1,16 @@
-"""``lamina-net bench latency``: two-rank ping-pong latency per transport and size.
+"""``lamina-net bench latency``: two-rank ping-pong latency per transport and size;
+``lamina-net bench rate``: small puts per second through the device API's proxy.
 
 By default both ranks run as local processes; ``--rank/--world-size/--store``
 runs one rank of a cross-host pair. The timing loop is in C++ (no Python in
 the measurement). One-way latency is half the round trip. Plain C reference
 ping-pongs (bench/ref_*_pingpong.c, shipped with the package) run in the same
 invocation so that speed is compared as ratios measured side by side.
+
+``--path device`` runs the same put-with-signal ping-pong through the device
+API (lamina_net/device.cuh called from CPU threads: every put is a descriptor
+in a ring that a DeviceProxy thread executes on the channel), side by side
+with the host API (``--path host``, the default), and reports device/host.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_SIZES = [8, 64, 512, 4096, 32768, 65536, 262144, 1048576]
+PATHS = ("host", "device")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +50,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--world-size", type=int, default=2)
     lat.add_argument("--store", help="host:port of the store (rank 0 hosts it)")
     lat.add_argument("--timeout", type=float, default=60.0, help="bound in seconds for each wait")
+    lat.add_argument("--path", default="host",
+                     help="comma-separated: host (the host API, default), device (the device API from CPU threads, "
+                          "through the descriptor ring and its proxy thread; --op put only), or host,device for "
+                          "both side by side with the device/host ratio")
+
+    rate = sub.add_parser("rate", help="small puts per second through the device API's proxy (1..P producer "
+                                       "threads, one proxy) against the host API's put from one thread")
+    rate.add_argument("--transport", default="shm", help="comma-separated: tcp, shm, verbs, or all (default shm)")
+    rate.add_argument("--producers", default="1,2,4",
+                      help="comma-separated producer thread counts posting through one device channel (default 1,2,4)")
+    rate.add_argument("--size", type=int, default=8, help="bytes per put (default 8)")
+    rate.add_argument("--ops", type=int, default=1_000_000, help="puts per measurement, in all (default 1000000)")
+    rate.add_argument("--repeat", type=int, default=3,
+                      help="measurements per configuration, interleaved; the median is reported (default 3)")
+    rate.add_argument("--ring-slots", type=int, default=1024, help="descriptor ring slots (default 1024)")
+    rate.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    rate.add_argument("--rank", type=int, help="run one rank only (cross-host); needs --store")
+    rate.add_argument("--world-size", type=int, default=2)
+    rate.add_argument("--store", help="host:port of the store (rank 0 hosts it)")
+    rate.add_argument("--timeout", type=float, default=60.0, help="bound in seconds for each wait")
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -53,6 +80,13 @@ def _parse_sizes(text: str) -> list[int]:
     if not sizes or any(s <= 0 or s > (1 << 30) for s in sizes):
         raise SystemExit("lamina-net bench: sizes must be in [1, 1 GiB]")
     return sizes
+
+
+def _parse_paths(text: str) -> list[str]:
+    paths = [p.strip() for p in text.split(",") if p.strip()]
+    if not paths or any(p not in PATHS for p in paths):
+        raise SystemExit(f"lamina-net bench: --path takes host, device or host,device, got {text!r}")
+    return list(dict.fromkeys(paths))
 
 
 def _iterations_for(size: int, requested: int) -> int:
@@ -79,8 +113,8 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def run_rank(rank: int, world_size: int, store: str, transport: str, op: str, sizes: list[int],
-             iterations: int, warmup: int, timeout: float, group: str) -> list[dict]:
-    """One rank of the ping-pong; rank 0 returns the records."""
+             iterations: int, warmup: int, timeout: float, group: str, paths=("host",)) -> list[dict]:
+    """One rank of the ping-pong, per size each path in turn; rank 0 returns the records."""
     import numpy as np
 
     from . import Endpoint
@@ -99,27 +133,48 @@ def run_rank(rank: int, world_size: int, store: str, transport: str, op: str, si
         records = []
         for size in sizes:
             n = _iterations_for(size, iterations)
-            base = rsig.read_u64(0)  # before the barrier: the peer may put right after it
-            if op == "write":
-                rbuf.array[size - 8:size] = 0  # the round counter the peer writes; earlier sizes left bytes there
-            ep.barrier(f"size-{size}")
-            times = ep._live().pingpong(ch._live(), op, size, n, warmup, rank == 0, timeout,
-                                        rbuf._live(), rsig._live(), remote_buf._desc, remote_sig._desc, base)
-            if rank == 0:
-                times.sort()
-                records.append({
-                    "transport": ch.transport, "op": op, "size_bytes": size, "iterations": n,
-                    "p50_us": _percentile(times, 0.5) / 2e3, "p99_us": _percentile(times, 0.99) / 2e3,
-                })
+            host_p50 = None
+            for path in paths:
+                base = rsig.read_u64(0)  # before the barrier: the peer may put right after it
+                if op == "write":
+                    rbuf.array[size - 8:size] = 0  # the round counter the peer writes; earlier sizes left bytes there
+                ep.barrier(f"size-{size}-{path}")
+                info = None
+                if path == "host":
+                    times = ep._live().pingpong(ch._live(), op, size, n, warmup, rank == 0, timeout,
+                                                rbuf._live(), rsig._live(), remote_buf._desc, remote_sig._desc, base)
+                else:
+                    # Through the device API: a DeviceProxy on this channel executes every put.
+                    times, info = ep._live().device_pingpong(ch._live(), size, n, warmup, rank == 0, timeout,
+                                                             rbuf._live(), rsig._live(), remote_buf._desc,
+                                                             remote_sig._desc, base, 1024, -1)
+                if rank == 0:
+                    times.sort()
+                    r = {"transport": ch.transport, "op": op, "size_bytes": size, "iterations": n,
+                         "p50_us": _percentile(times, 0.5) / 2e3, "p99_us": _percentile(times, 0.99) / 2e3,
+                         "path": path}
+                    if path == "host":
+                        host_p50 = r["p50_us"]
+                    else:
+                        r["device_path"] = info["device_path"]
+                        r["proxy_parks"] = info["parks"]
+                        if host_p50:
+                            r["host_p50_us"] = host_p50
+                            r["ratio_vs_host"] = r["p50_us"] / host_p50
+                    records.append(r)
         ep.barrier("done")
         return records
 
 
-def _rank_main(queue, *args) -> None:
+def _report(queue, body, args) -> None:
     try:
-        queue.put(("ok", run_rank(*args)))
+        queue.put(("ok", body(*args)))
     except BaseException as e:  # report to the parent instead of dying silently
         queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _rank_main(queue, *args) -> None:
+    _report(queue, run_rank, args)
 
 
 def _run_pair(target, args_of_rank, what: str, wait_s: float) -> list[dict]:
@@ -145,15 +200,16 @@ def _run_pair(target, args_of_rank, what: str, wait_s: float) -> list[dict]:
 
 
 def run_local_pair(transport: str, op: str, sizes: list[int], iterations: int, warmup: int,
-                   timeout: float) -> list[dict]:
+                   timeout: float, paths=("host",)) -> list[dict]:
     """Runs both ranks as local processes; returns rank 0's records."""
     store = f"127.0.0.1:{_free_port()}"
     group = f"bench-{os.getpid()}-{transport}"
     # numpy's BLAS threads would spin beside the measured loop.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return _run_pair(_rank_main, lambda r: (r, 2, store, transport, op, sizes, iterations, warmup, timeout, group),
-                     f"{transport} benchmark", timeout * (len(sizes) + 2) + 60)
+    return _run_pair(_rank_main,
+                     lambda r: (r, 2, store, transport, op, sizes, iterations, warmup, timeout, group, tuple(paths)),
+                     f"{transport} benchmark", timeout * (len(sizes) * len(paths) + 2) + 60)
 
 
 def reference_binary(name: str) -> Path | None:
@@ -293,22 +349,41 @@ def print_table(records: list[dict], file=sys.stdout) -> None:
     for backend in ("gloo", "nccl"):
         if any(f"ratio_vs_{backend}" in r for r in records):
             columns.append((f"vs {backend}", f"ratio_vs_{backend}", 8, ".3f"))
-    header = f"{'transport':<9} {'op':<5} {'size':>9} {'iters':>6} {'p50 us':>9} {'p99 us':>9}" + "".join(
+    # The path column and the device/host ratio only when device rows exist:
+    # host-only output stays as it was.
+    with_paths = any(r.get("path") == "device" for r in records)
+    if with_paths:
+        columns.insert(0, ("dev/host", "ratio_vs_host", 8, ".2f"))
+    path_title = f" {'path':<6}" if with_paths else ""
+    header = f"{'transport':<9} {'op':<5}{path_title} {'size':>9} {'iters':>6} {'p50 us':>9} {'p99 us':>9}" + "".join(
         f" {title:>{width}}" for title, _, width, _ in columns)
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in records:
         cells = "".join(f" {format(r[key], fmt):>{width}}" if r.get(key) else f" {'-':>{width}}"
                         for _, key, width, fmt in columns)
-        print(f"{r['transport']:<9} {r['op']:<5} {r['size_bytes']:>9} {r['iterations']:>6} {r['p50_us']:9.2f} "
-              f"{r['p99_us']:9.2f}{cells}", file=file)
+        path_cell = f" {r.get('path', '-'):<6}" if with_paths else ""
+        print(f"{r['transport']:<9} {r['op']:<5}{path_cell} {r['size_bytes']:>9} {r['iterations']:>6} "
+              f"{r['p50_us']:9.2f} {r['p99_us']:9.2f}{cells}", file=file)
     print("vs X = lamina-net p50 / X p50 at the same size, measured in this run. ref: plain C ping-pong in "
           "bench/ that spins like lamina-net; blk ref: the tcp one with blocking recv; memcpy: one memcpy of "
           "that size; gloo/nccl: torch.distributed send/recv", file=file)
+    if with_paths:
+        print("path host: the host API; device: the device API from CPU threads, through the descriptor ring "
+              "and its proxy thread; dev/host = device p50 / host p50, same transport and size, this run", file=file)
 
 
 def run(args) -> int:
+    if args.bench == "rate":
+        return run_rate(args)
+    return run_latency(args)
+
+
+def run_latency(args) -> int:
     sizes = _parse_sizes(args.sizes)
+    paths = _parse_paths(args.path)
+    if "device" in paths and args.op != "put":
+        raise SystemExit("lamina-net bench: --path device runs the put-with-signal ping-pong (--op put) only")
     if args.iterations < 0 or args.warmup < 0:
         raise SystemExit("lamina-net bench: --iterations and --warmup must be >= 0")
     if args.timeout <= 0:
@@ -326,13 +401,13 @@ def run(args) -> int:
         records = []
         for t in wanted:
             records += run_rank(args.rank, args.world_size, args.store, t, args.op, sizes, args.iterations,
-                                args.warmup, args.timeout, f"bench-{t}")
+                                args.warmup, args.timeout, f"bench-{t}", paths)
         if args.rank != 0:
             return 0
     else:
         records = []
         for t in wanted:
-            records += run_local_pair(t, args.op, sizes, args.iterations, args.warmup, args.timeout)
+            records += run_local_pair(t, args.op, sizes, args.iterations, args.warmup, args.timeout, paths)
     if not args.no_reference:
         memcpy = run_memcpy_reference(sizes, args.iterations, args.warmup)
         refs = {t: run_reference(t, sizes, args.iterations, args.warmup) for t in wanted if t in ("tcp", "shm")}
@@ -361,6 +436,119 @@ def run(args) -> int:
                 r[f"ratio_vs_{backend}"] = r["p50_us"] / b["p50_us"] if b["p50_us"] > 0 else None
         records += base
     print_table(records)
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- bench rate
+
+def rate_rank(rank: int, world_size: int, store: str, transport: str, producers: list[int], size: int, ops: int,
+              repeat: int, ring_slots: int, timeout: float, group: str) -> list[dict]:
+    """One rank of the put-rate benchmark: rank 0 puts into rank 1's memory; rank 0 returns the records.
+
+    Each repetition measures the host API (Channel::put from one thread, then a
+    flush) and then the device API from each producer count (threads posting
+    through one DeviceChannel, one proxy thread, then a flush), so every ratio
+    compares measurements taken side by side.
+    """
+    import numpy as np
+
+    from . import Endpoint
+    from .core import Access
+
+    peer = 1 - rank
+    with Endpoint(rank, world_size, store, group=group, timeout=timeout) as ep:
+        target = ep.alloc(max(size, 65536), np.uint8, Access.REMOTE_WRITE)  # puts cycle through it
+        ep.publish("rate-target", target)
+        ch = ep.channel(peer, transport)
+        remote = ep.lookup(peer, "rate-target")
+        runs: dict[tuple[str, int], list[dict]] = {}
+        ep.barrier("rate-start")
+        if rank == 0:
+            for _ in range(repeat):
+                runs.setdefault(("host", 1), []).append(
+                    ep._live().put_rate(ch._live(), "host", 1, size, ops, timeout, remote._desc, ring_slots, -1))
+                for p in producers:
+                    runs.setdefault(("device", p), []).append(
+                        ep._live().put_rate(ch._live(), "device", p, size, ops, timeout, remote._desc, ring_slots, -1))
+        # Rank 1 waits here while rank 0 measures: bounded like the whole run.
+        ep.barrier("rate-done", timeout=timeout * repeat * (len(producers) + 1) + 60)
+        if rank != 0:
+            return []
+        records = []
+        for (path, p), results in runs.items():
+            rates = sorted(r["ops"] / r["seconds"] for r in results if r["seconds"] > 0)
+            rec = {"bench": "rate", "transport": ch.transport, "path": path, "producers": p, "size_bytes": size,
+                   "ops": ops, "repeat": len(results), "ops_per_s": _percentile(rates, 0.5) if rates else 0.0,
+                   "ops_per_s_runs": [r["ops"] / r["seconds"] for r in results if r["seconds"] > 0]}
+            if path == "device":
+                rec["device_path"] = results[0]["device_path"]
+                rec["proxy_parks"] = sum(r["parks"] for r in results)
+            records.append(rec)
+        host = next((r["ops_per_s"] for r in records if r["path"] == "host"), 0.0)
+        for r in records:
+            if r["path"] == "device" and host > 0:
+                r["host_ops_per_s"] = host
+                r["ratio_vs_host"] = r["ops_per_s"] / host
+        return records
+
+
+def _rate_main(queue, *args) -> None:
+    _report(queue, rate_rank, args)
+
+
+def print_rate_table(records: list[dict], file=sys.stdout) -> None:
+    header = (f"{'transport':<9} {'path':<6} {'producers':>9} {'size':>6} {'ops':>9} {'Mops/s':>8} "
+              f"{'dev/host':>8}")
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    for r in records:
+        ratio = f"{r['ratio_vs_host']:8.2f}" if r.get("ratio_vs_host") else f"{'-':>8}"
+        print(f"{r['transport']:<9} {r['path']:<6} {r['producers']:>9} {r['size_bytes']:>6} {r['ops']:>9} "
+              f"{r['ops_per_s'] / 1e6:8.3f} {ratio}", file=file)
+    print("Mops/s: puts per second (median of the repetitions), from the first post to the return of the flush "
+          "after the last. host: Channel::put from one thread; device: producer threads posting through one "
+          "device channel (descriptor ring, one proxy thread). dev/host = device / host, measured in this run",
+          file=file)
+
+
+def run_rate(args) -> int:
+    try:
+        producers = [int(p) for p in args.producers.split(",") if p.strip()]
+    except ValueError:
+        raise SystemExit(f"lamina-net bench: --producers must be comma-separated integers, got {args.producers!r}")
+    if not producers or any(p < 1 or p > 256 for p in producers):
+        raise SystemExit("lamina-net bench: producer counts must be in [1, 256]")
+    if args.size <= 0 or args.size > (1 << 20):
+        raise SystemExit("lamina-net bench: --size must be in [1, 1 MiB]")
+    if args.ops <= 0 or args.repeat <= 0:
+        raise SystemExit("lamina-net bench: --ops and --repeat must be > 0")
+    if args.ring_slots < 2 or args.ring_slots & (args.ring_slots - 1):
+        raise SystemExit("lamina-net bench: --ring-slots must be a power of two >= 2")
+    if args.timeout <= 0:
+        raise SystemExit("lamina-net bench: --timeout must be > 0")
+    wanted = _available_transports() if args.transport == "all" else [t.strip() for t in args.transport.split(",")]
+    for t in wanted:
+        if t not in ("tcp", "shm", "verbs"):
+            raise SystemExit(f"lamina-net bench: unknown transport {t!r}")
+    records = []
+    for t in wanted:
+        rate_args = (t, producers, args.size, args.ops, args.repeat, args.ring_slots, args.timeout)
+        if args.rank is not None:
+            if not args.store:
+                raise SystemExit("lamina-net bench: --rank needs --store host:port")
+            records += rate_rank(args.rank, args.world_size, args.store, *rate_args, f"rate-{t}")
+        else:
+            store = f"127.0.0.1:{_free_port()}"
+            group = f"rate-{os.getpid()}-{t}"
+            os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            records += _run_pair(_rate_main, lambda r: (r, 2, store, *rate_args, group), f"{t} rate benchmark",
+                                 args.timeout * args.repeat * (len(producers) + 1) + 60)
+    if args.rank is not None and args.rank != 0:
+        return 0
+    print_rate_table(records)
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2))
     return 0

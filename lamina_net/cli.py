@@ -11,7 +11,8 @@ import importlib
 import sys
 
 _SUBCOMMANDS = {
-    "bench": ("lamina_net.bench_cli", "latency benchmarks (ping-pong) over tcp/shm/verbs, with references"),
+    "bench": ("lamina_net.bench_cli", "benchmarks over tcp/shm/verbs: ping-pong latency (host and device API), "
+                                       "device put rate"),
     "decode": ("lamina_net.decode.cli", "reference decode pipeline with attention offloaded to workers"),
     "plan": ("lamina_net.plan.cli", "size and price an attention-offloaded deployment"),
     "info": ("lamina_net.info_cli", "build options, available transports and settings"),

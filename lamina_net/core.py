@@ -16,14 +16,17 @@ from __future__ import annotations
 import builtins
 import enum
 import errno
+import operator
 import os
 import threading
 from typing import Any, Optional
 
 from . import _core
-from ._arrays import Buffer, as_buffer
+from . import _stream
+from ._arrays import Buffer, as_buffer, wait_for_producer
+from ._membership import claim_rank, release_rank
 from .errors import TimeoutError, TransportError, UsageError
-from .store import StoreClient, StoreServer, TorchStoreAdapter, parse_address
+from .store import StoreClient, StoreNotAnswering, StoreServer, TorchStoreAdapter, parse_address
 
 
 class Access(enum.IntFlag):
@@ -39,15 +42,23 @@ class Access(enum.IntFlag):
 TRANSPORTS = ("tcp", "shm", "verbs")
 
 
-def _check_timeout(timeout: Optional[float]) -> float:
+#: The largest bound a wait accepts (about 31 years). Every wait in lamina-net
+#: is bounded: ``inf`` and larger values are refused, not silently shortened.
+MAX_TIMEOUT_S = 1e9
+
+
+def _check_timeout(timeout: Optional[float], what: str = "timeout") -> float:
     if timeout is None:
         return -1.0
     try:
         t = float(timeout)
     except (TypeError, ValueError):
-        raise UsageError(f"timeout must be a number of seconds, got {timeout!r}") from None
+        raise UsageError(f"{what} must be a number of seconds, got {timeout!r}") from None
     if not t >= 0:
-        raise UsageError(f"timeout must be >= 0 seconds, got {timeout!r}")
+        raise UsageError(f"{what} must be >= 0 seconds, got {timeout!r}")
+    if t > MAX_TIMEOUT_S:
+        raise UsageError(f"{what}={timeout!r} is above the largest bound, {MAX_TIMEOUT_S:g} s: every wait is "
+                         "bounded (pass a finite number of seconds)")
     return t
 
 
@@ -215,15 +226,19 @@ class Region:
         return RemoteRegion(self._endpoint._live().describe(self._live()))
 
     def read_u64(self, offset: int = 0) -> int:
-        """Atomically reads the u64 at byte ``offset`` (acquire)."""
+        """Atomically reads the u64 at byte ``offset`` (acquire). GPU memory: copied out (not atomic)."""
         return self._live().load_u64(_check_uint("offset", offset))
 
     def wait(self, offset: int = 0, value: int = 1, timeout: Optional[float] = None,
-             channel: Optional["Channel"] = None) -> int:
+             channel: Optional["Channel"] = None, *, stream: Any = None, method: str = "kernel") -> Optional[int]:
         """Waits until the u64 signal word at ``offset`` is >= ``value``; returns it.
 
-        With ``channel``, fails fast (TransportError) if that channel fails.
+        With ``channel``, fails fast (TransportError) if that channel fails. With ``stream``, the
+        stream waits instead of the host (returns None at once; the word must be pinned host or
+        GPU memory; see :func:`lamina_net._stream.region_wait`).
         """
+        if stream is not None:
+            return _stream.region_wait(self, offset, value, timeout, channel, stream, method)
         handle = self._live()
         ep = self._endpoint._live()
         ep.wait_signal(handle, _check_uint("offset", offset), _check_uint("value", value), _check_timeout(timeout),
@@ -327,6 +342,10 @@ class Channel:
         n = total - src_offset if nbytes is None else _check_uint("nbytes", nbytes)
         if src_offset > total or n > total - src_offset:
             raise UsageError(f"source slice [{src_offset}, {src_offset}+{n}) is outside the {total}-byte source")
+        if cuda:
+            # Read only after the stream work that produced it (torch's current stream, or the
+            # __cuda_array_interface__ 'stream'): tcp/shm copy it on a stream of their own, verbs in place.
+            wait_for_producer(src._buffer.owner if isinstance(src, Region) else keep)
         return base + src_offset, n, keep, cuda
 
     @staticmethod
@@ -347,7 +366,7 @@ class Channel:
 
     def put(self, src, dst: RemoteRegion, dst_offset: int = 0, *, src_offset: int = 0, nbytes: Optional[int] = None,
             signal: Optional[RemoteRegion] = None, signal_offset: int = 0, signal_add: int = 1,
-            timeout: Optional[float] = None) -> None:
+            timeout: Optional[float] = None, stream: Any = None) -> None:
         """One-sided write of ``src`` (array or Region slice) into ``dst`` at ``dst_offset``.
 
         With ``signal``, then adds ``signal_add`` to the u64 at ``signal_offset`` of
@@ -356,7 +375,14 @@ class Channel:
         returns at once; a larger source inside a registered region is read by the NIC in
         place (zero-copy) and it returns once that write completed (use :meth:`iput` to
         overlap several).
+
+        With ``stream`` (a torch/cupy CUDA stream or a raw handle), the put is enqueued on that
+        stream instead and this returns at once (graph-capturable; see :func:`lamina_net._stream.channel_put`):
+        ``src`` must lie in a Region of this endpoint; later work in the stream may overwrite it.
         """
+        if stream is not None:
+            return _stream.channel_put(self, src, dst, dst_offset, src_offset, nbytes, signal, signal_offset,
+                                       signal_add, timeout, stream)
         self._put(src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, False, timeout)
 
     def iput(self, src, dst: RemoteRegion, dst_offset: int = 0, *, src_offset: int = 0,
@@ -372,6 +398,22 @@ class Channel:
         op, keep, n = self._put(src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, True,
                                 timeout)
         return Handle(self, op, f"put of {n} bytes", keep)
+
+    def signal(self, dst: RemoteRegion, offset: int = 0, add: int = 1, *, timeout: Optional[float] = None,
+               stream: Any = None) -> None:
+        """Adds ``add`` to the peer's u64 at ``offset`` of ``dst`` (no old value), after every put before it.
+
+        Returns once posted. With ``stream``, enqueued on that CUDA stream instead (see :meth:`put`).
+        """
+        if stream is not None:
+            return _stream.channel_signal(self, dst, offset, add, timeout, stream)
+        self._live().signal(self._remote(dst), _check_uint("offset", offset), _check_uint("add", add),
+                            _check_timeout(timeout))
+
+    @property
+    def stream_error(self) -> Optional[str]:
+        """What the first failed ``stream=`` operation of this channel was (recorded on the GPU), or None."""
+        return _stream.channel_stream_error(self)
 
     def iatomic_add(self, dst: RemoteRegion, offset: int = 0, value: int = 1,
                     timeout: Optional[float] = None) -> Handle:
@@ -484,6 +526,7 @@ class Endpoint:
         self._core = None
         self._server = None
         self._store = None
+        self._claimed = False
         self._regions: list = []
         self._channels: dict = {}
         self._lock = threading.Lock()
@@ -500,7 +543,7 @@ class Endpoint:
         if not isinstance(group, str) or not group or "/" in group:
             raise UsageError("group must be a non-empty string without '/'")
         if timeout is None:
-            timeout = float(os.environ.get("LAMINA_NET_TIMEOUT", "60"))
+            timeout = _check_timeout(os.environ.get("LAMINA_NET_TIMEOUT", "60") or "60", "LAMINA_NET_TIMEOUT")
         timeout = _check_timeout(timeout)
         if timeout <= 0:
             raise UsageError("timeout must be > 0 seconds")
@@ -512,7 +555,9 @@ class Endpoint:
         self._group = group
         self._store, self._server = _store_for(store, rank, world_size, timeout)
         store_address = store if isinstance(store, str) else getattr(self._store, "address", None)
+        self._claimed, self._rank_claimed = False, rank
         try:
+            self._claimed = claim_rank(self._store, group, rank, world_size, timeout)
             self._core = _core.Endpoint(rank, world_size, self._store, group, timeout,
                                         tcp_host or _default_tcp_host(store_address), list(transports),
                                         ib_device, ib_port, ib_gid_index)
@@ -578,8 +623,12 @@ class Endpoint:
         dtype = np.dtype(dtype)
         if dtype.hasobject:
             raise UsageError("cannot allocate an array of Python objects")
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        if any(not isinstance(d, int) or d < 0 for d in shape):
+        try:
+            shape = (operator.index(shape),) if not isinstance(shape, (tuple, list)) else \
+                tuple(operator.index(d) for d in shape)
+        except TypeError:
+            raise UsageError(f"invalid shape {shape!r}: expected an int or a tuple of ints") from None
+        if any(d < 0 for d in shape):
             raise UsageError(f"invalid shape {shape!r}")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if nbytes == 0:
@@ -592,17 +641,24 @@ class Endpoint:
         """Makes ``region``'s descriptor available to peers under ``name``."""
         if not isinstance(region, Region):
             raise UsageError("publish needs a Region")
-        self._store.set(self._key(self.rank, name), region.descriptor().to_bytes())
+        self._live_store().set(self._key(self.rank, name), region.descriptor().to_bytes())
 
     def lookup(self, peer: int, name: str, timeout: Optional[float] = None) -> RemoteRegion:
         """Fetches the descriptor ``peer`` published under ``name`` (waits, bounded)."""
         peer = _check_uint("peer", peer, self.world_size)
         t = self.timeout if timeout is None else _check_timeout(timeout)
         try:
-            blob = self._store.get(self._key(peer, name), t)
+            blob = self._live_store().get(self._key(peer, name), t)
+        except StoreNotAnswering:
+            raise
         except builtins.TimeoutError as e:
             raise TimeoutError(f"rank {peer} did not publish region {name!r} within {t:.3g} s") from e
         return RemoteRegion.from_bytes(blob)
+
+    def _live_store(self):
+        if self._core is None or self._store is None:
+            raise UsageError("endpoint is closed")
+        return self._store
 
     def _key(self, rank: int, name: str) -> str:
         if not isinstance(name, str) or not name:
@@ -629,6 +685,11 @@ class Endpoint:
                 self._channels[key] = ch
         return ch
 
+    @property
+    def stream_error(self) -> Optional[str]:
+        """What the first failed ``Region.wait(..., stream=)`` without a channel was, or None."""
+        return _stream.endpoint_stream_error(self)
+
     def choose_transport(self, peer: int, timeout: Optional[float] = None) -> tuple:
         """(transport, reason) that ``channel(peer, "auto")`` would pick."""
         t = self.timeout if timeout is None else _check_timeout(timeout)
@@ -637,10 +698,13 @@ class Endpoint:
     def barrier(self, name: str = "barrier", timeout: Optional[float] = None) -> None:
         """Waits until every rank reached a barrier of this name (through the store)."""
         t = self.timeout if timeout is None else _check_timeout(timeout)
-        self._store.set(f"ln/{self._group}/barrier/{name}/{self.rank}", b"1")
+        store = self._live_store()
+        store.set(f"ln/{self._group}/barrier/{name}/{self.rank}", b"1")
         for r in range(self.world_size):
             try:
-                self._store.get(f"ln/{self._group}/barrier/{name}/{r}", t)
+                store.get(f"ln/{self._group}/barrier/{name}/{r}", t)
+            except StoreNotAnswering:
+                raise
             except builtins.TimeoutError as e:
                 raise TimeoutError(f"barrier {name!r}: rank {r} did not arrive within {t:.3g} s") from e
 
@@ -659,11 +723,16 @@ class Endpoint:
         self._close_store()
 
     def _close_store(self) -> None:
+        if self._claimed and self._store is not None:
+            self._claimed = False
+            release_rank(self._store, self._group, self._rank_claimed)
         if self._store is not None and isinstance(self._store, StoreClient):
             self._store.close()
         self._store = None
         if self._server is not None:
-            self._server.close()
+            # Peers may still be reading their last keys (a barrier's): give
+            # them a moment to hang up before the store goes.
+            self._server.close(linger=min(self.timeout, 5.0) if hasattr(self, "timeout") else 0.0)
             self._server = None
 
     def __enter__(self):

@@ -17,6 +17,12 @@ def run(args) -> int:
     print(f"  transports: tcp, shm{', verbs' if ok else ''}")
     if not ok:
         print(f"  verbs unavailable: {why}")
+    # The runtime is linked statically: the driver must be at least as new
+    # (cuda_versions says so in the same line when it is not).
+    cuda = _core.cuda_versions() if _core.HAVE_CUDA else "built without CUDA"
+    kernels = getattr(_core, "HAVE_CUDA_KERNELS", False)
+    print(f"  CUDA: {cuda}" + ("" if not _core.HAVE_CUDA else
+                                "; stream-ordered operations: " + ("yes" if kernels else "no (built without nvcc)")))
     if args.settings:
         print("\nsetting                         default     current     description")
         for name, default, current, desc in _core.settings():

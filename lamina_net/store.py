@@ -7,8 +7,9 @@ lamina-net ranks find each other through a key-value store. Three kinds work:
   that needs no torch (``"host:port"``: rank 0 hosts it, the others connect);
 * anything with ``set(key, bytes)`` and ``get(key, timeout_s) -> bytes``.
 
-This module is pure Python and imports nothing else from lamina_net, so
-independent peers (e.g. interoperability tests) can load it by path.
+This module is pure Python and needs nothing else from lamina_net but its
+error types, so independent peers (e.g. interoperability tests) can load it
+by path (then builtin stand-ins of those types are used).
 """
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ import threading
 import time
 from typing import Optional
 
+try:
+    from .errors import TimeoutError, TransportError, UsageError
+except ImportError:  # loaded by path, outside the package
+    TimeoutError = builtins.TimeoutError  # noqa: A001
+
+    class TransportError(ConnectionError):
+        pass
+
+    class UsageError(ValueError):
+        pass
+
+
+
+class StoreNotAnswering(TimeoutError):
+    """The store accepted the request but did not answer within the bound."""
+
+
 _OP_SET = 1
 _OP_GET = 2  # waits until the key exists or the timeout passes
 _OP_ADD = 3
@@ -28,6 +46,10 @@ _OP_ADD = 3
 _STATUS_OK = 0
 _STATUS_TIMEOUT = 1
 _STATUS_BAD = 2
+
+# A server that does not answer a get within its own timeout plus this is
+# taken as stopped or gone.
+_REPLY_GRACE_S = 0.5
 
 _MAX_FIELD = 64 << 20  # refuses absurd lengths from a broken or hostile client
 
@@ -59,6 +81,16 @@ class _Handler(socketserver.BaseRequestHandler):
         server: _Server = self.server  # type: ignore[assignment]
         sock = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with server.cond:
+            server.clients += 1
+        try:
+            self._serve_requests(server, sock)
+        finally:
+            with server.cond:
+                server.clients -= 1
+                server.cond.notify_all()
+
+    def _serve_requests(self, server: "_Server", sock: socket.socket) -> None:
         try:
             while True:
                 op = _recv_exact(sock, 1)[0]
@@ -105,6 +137,7 @@ class _Server(socketserver.ThreadingTCPServer):
         self.data: dict[str, bytes] = {}
         self.cond = threading.Condition()
         self.stopping = False
+        self.clients = 0  # connections being served
         super().__init__(addr, _Handler)
 
 
@@ -138,10 +171,19 @@ class StoreServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def close(self) -> None:
-        """Stops serving. Idempotent."""
+    def close(self, linger: float = 0.0) -> None:
+        """Stops serving. Idempotent.
+
+        ``linger``: first wait up to that many seconds for connected clients to
+        hang up, so that a rank hosting the store does not take it away from
+        peers still reading their last keys (a barrier's, say).
+        """
         if self._thread is None:
             return
+        deadline = time.monotonic() + max(0.0, linger)
+        with self._server.cond:
+            while self._server.clients > 0 and time.monotonic() < deadline:
+                self._server.cond.wait(max(0.001, deadline - time.monotonic()))
         with self._server.cond:
             self._server.stopping = True
             self._server.cond.notify_all()
@@ -160,52 +202,75 @@ class StoreServer:
 
 
 class StoreClient:
-    """Client of :class:`StoreServer`. Thread-safe; reconnects are not attempted."""
+    """Client of :class:`StoreServer`. Thread-safe; reconnects are not attempted.
 
-    def __init__(self, host: str, port: int, connect_timeout: float = 60.0):
+    Every call is bounded: ``get`` by its ``timeout`` (the server answers
+    "timed out" then; a server that does not answer at all is given
+    :data:`_REPLY_GRACE_S` more), ``set`` and ``add`` by ``op_timeout``
+    (default: ``connect_timeout``). A call that times out or loses the
+    connection leaves the client unusable (the reply stream is out of step);
+    errors are :class:`lamina_net.TimeoutError` and
+    :class:`lamina_net.TransportError`.
+    """
+
+    def __init__(self, host: str, port: int, connect_timeout: float = 60.0, op_timeout: Optional[float] = None):
         deadline = time.monotonic() + connect_timeout
         last: Optional[Exception] = None
         while True:
             try:
-                self._sock = socket.create_connection((host, port), timeout=min(5.0, connect_timeout))
+                self._sock = socket.create_connection((host, port), timeout=max(0.01, min(5.0, connect_timeout)))
                 break
             except OSError as e:  # the server may not be up yet
                 last = e
                 if time.monotonic() >= deadline:
-                    raise builtins.TimeoutError(f"could not reach the store at {host}:{port}: {last}") from e
+                    raise TimeoutError(f"could not reach the store at {host}:{port}: {last}") from e
                 time.sleep(0.05)
-        self._sock.settimeout(None)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._lock = threading.Lock()
+        self._broken: Optional[str] = None
         self.address = f"{host}:{port}"
+        self.op_timeout = connect_timeout if op_timeout is None else op_timeout
 
-    def _call(self, op: int, key: str, arg: bytes) -> list:
+    def _call(self, op: int, key: str, arg: bytes, bound_s: float) -> list:
         with self._lock:
             if self._sock is None:
-                raise ConnectionError("store client is closed")
-            self._sock.sendall(bytes([op]))
-            _send_fields(self._sock, key.encode(), arg)
-            status = _recv_field(self._sock)[0]
-            if status == _STATUS_TIMEOUT:
-                return [None]
-            if status != _STATUS_OK:
-                raise ConnectionError(f"store refused the request for {key!r}")
-            return [_recv_field(self._sock)] if op != _OP_SET else [b""]
+                raise UsageError("store client is closed")
+            if self._broken:
+                raise TransportError(f"store at {self.address} is unusable: {self._broken}")
+            self._sock.settimeout(max(0.001, bound_s))
+            try:
+                self._sock.sendall(bytes([op]))
+                _send_fields(self._sock, key.encode(), arg)
+                status = _recv_field(self._sock)[0]
+                if status == _STATUS_TIMEOUT:
+                    return [None]
+                if status != _STATUS_OK:
+                    raise TransportError(f"store at {self.address} refused the request for {key!r}")
+                return [_recv_field(self._sock)] if op != _OP_SET else [b""]
+            except socket.timeout:
+                self._broken = f"no answer for {key!r} within {bound_s:.3g} s"
+                raise StoreNotAnswering(f"store at {self.address} did not answer the request for {key!r} within "
+                                   f"{bound_s:.3g} s (is the store process stopped or overloaded?)") from None
+            except (ConnectionError, OSError) as e:
+                self._broken = f"connection lost ({e})"
+                raise TransportError(f"store at {self.address} is unreachable (connection lost: {e}); "
+                                     "did the rank hosting the store exit?") from None
 
     def set(self, key: str, value: bytes) -> None:
         if isinstance(value, str):
             value = value.encode()
-        self._call(_OP_SET, key, bytes(value))
+        self._call(_OP_SET, key, bytes(value), self.op_timeout)
 
     def get(self, key: str, timeout: float = 300.0) -> bytes:
         """Returns the value of ``key``, waiting up to ``timeout`` seconds for it."""
-        (value,) = self._call(_OP_GET, key, struct.pack("<d", float(timeout)))
+        timeout = float(timeout)
+        (value,) = self._call(_OP_GET, key, struct.pack("<d", timeout), timeout + _REPLY_GRACE_S)
         if value is None:
-            raise builtins.TimeoutError(f"store key {key!r} did not appear within {timeout:.3g} s")
+            raise TimeoutError(f"store key {key!r} did not appear within {timeout:.3g} s")
         return value
 
     def add(self, key: str, delta: int) -> int:
-        (value,) = self._call(_OP_ADD, key, struct.pack("<q", int(delta)))
+        (value,) = self._call(_OP_ADD, key, struct.pack("<q", int(delta)), self.op_timeout)
         return int(value)
 
     def close(self) -> None:
@@ -230,6 +295,9 @@ class TorchStoreAdapter:
     def set(self, key: str, value: bytes) -> None:
         self.store.set(key, value)
 
+    def add(self, key: str, delta: int) -> int:
+        return int(self.store.add(key, int(delta)))
+
     def get(self, key: str, timeout: float = 300.0) -> bytes:
         import datetime
 
@@ -237,8 +305,8 @@ class TorchStoreAdapter:
             self.store.wait([key], datetime.timedelta(seconds=max(timeout, 0.001)))
         except RuntimeError as e:  # torch reports a wait timeout as RuntimeError/DistStoreError
             if "timeout" in str(e).lower() or "timed out" in str(e).lower():
-                raise builtins.TimeoutError(f"store key {key!r} did not appear within {timeout:.3g} s") from e
-            raise
+                raise TimeoutError(f"store key {key!r} did not appear within {timeout:.3g} s") from e
+            raise TransportError(f"torch store: {e}") from e
         return bytes(self.store.get(key))
 
 

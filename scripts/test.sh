@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: sets up a fresh machine (scripts/setup.sh) and
 # runs the whole suite.
-#   tier 0 (here): unit, tcp/shm multi-process, hostile peers, planner, decode pipeline
+#   tier 0 (here): unit, tcp/shm multi-process, hostile peers, device API in CPU threads,
+#                  planner, decode pipeline; then the installed package (scripts/test_installed.sh)
 #   tier 1 (Soft-RoCE guest): the verbs transport for real, pyverbs interop
 # LAMINA_NET_SKIP_VERBS=1 skips tier 1 (it needs qemu; about 5 minutes under TCG).
 set -uo pipefail
@@ -10,6 +11,8 @@ bash scripts/setup.sh || exit 1
 
 status=0
 .venv/bin/python -m pytest tests --ignore=tests/verbs "$@" || status=$?
+# The package as users install it (pip install ., used from outside the checkout).
+bash scripts/test_installed.sh || status=$?
 
 if [ "${LAMINA_NET_SKIP_VERBS:-0}" != 1 ]; then
   if [ -f scripts/softroce/test.sh ]; then

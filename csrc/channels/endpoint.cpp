@@ -241,6 +241,9 @@ Endpoint::Endpoint(const EndpointOptions& options, std::shared_ptr<KeyValueStore
     throw_usage("group name must be non-empty and contain no '/'");
   }
   if (!(options_.timeout_s > 0)) throw_usage("timeout must be > 0 seconds");
+  if (!(options_.timeout_s <= kMaxBoundSeconds)) {
+    throw_usage("timeout " + std::to_string(options_.timeout_s) + " s is above the largest bound (1e9 s)");
+  }
   for (const auto& t : options_.transports) {
     if (t != "tcp" && t != "shm" && t != "verbs") throw_usage("unknown transport '" + t + "'");
   }
@@ -303,10 +306,14 @@ std::vector<std::string> Endpoint::available_transports(std::string* verbs_why) 
 }
 
 std::shared_ptr<Region> Endpoint::register_memory(void* base, uint64_t size, uint32_t access, MemoryKind kind,
-                                                  int device) {
+                                                  int device, int shared_fd, uint64_t shared_offset) {
   if (closed_.load()) throw_usage("endpoint is closed");
   if (kind == MemoryKind::kCuda) device = cuda_check_device_range(base, size);
   auto region = regions_.add(base, size, access, kind, device);
+  if (shared_fd >= 0 && kind == MemoryKind::kHost) {
+    region->shared_fd = shared_fd;
+    region->shared_offset = shared_offset;
+  }
   try {
     for (auto& [name, t] : transports_) t->register_region(*region);
   } catch (...) {
@@ -376,7 +383,8 @@ std::shared_ptr<Channel> Endpoint::channel(int peer, const std::string& transpor
   {
     std::lock_guard<std::mutex> lock(channels_mutex_);
     auto it = channels_.find({peer, tag});
-    if (it != channels_.end() && !it->second->closed()) {
+    // A failed channel (its peer died or restarted) is replaced by a new one.
+    if (it != channels_.end() && !it->second->closed() && !it->second->failed(nullptr)) {
       if (transport != "auto" && transport != it->second->transport()) {
         throw_usage("a " + it->second->transport() + " channel to rank " + std::to_string(peer) + " with tag " +
                     std::to_string(tag) + " already exists");
@@ -441,6 +449,11 @@ void Endpoint::wait_signal(const Region& region, uint64_t offset, uint64_t value
                 std::to_string(region.size) + " bytes");
   }
   if (region.closed.load()) throw_usage("wait: region is closed");
+  if (region.kind == MemoryKind::kCuda) {
+    // The CPU cannot load GPU memory (and no transport here writes signal words there).
+    throw_usage("wait: the signal word is in GPU memory, which the CPU cannot poll; use a host signal word "
+                "(pinned host memory also lets kernels wait on it), or wait in stream order (stream=...)");
+  }
   const auto* word = reinterpret_cast<const uint64_t*>(static_cast<const char*>(region.base) + offset);
   std::vector<std::shared_ptr<Channel>> keep;
   std::vector<Connection*> all;

@@ -140,7 +140,11 @@ class Endpoint {
   const EndpointOptions& options() const { return options_; }
   KeyValueStore& store() { return *store_; }
 
-  std::shared_ptr<Region> register_memory(void* base, uint64_t size, uint32_t access, MemoryKind kind, int device);
+  // shared_fd / shared_offset: the memfd (and base's offset in it) when the
+  // memory lies in a SharedAllocation; set before the transports see the
+  // region, so same-host transports can publish it for single-copy puts.
+  std::shared_ptr<Region> register_memory(void* base, uint64_t size, uint32_t access, MemoryKind kind, int device,
+                                          int shared_fd = -1, uint64_t shared_offset = 0);
   void deregister(uint64_t region_id, double timeout_s);
   RegionDescriptor describe(const Region& region) const;
   RegionTable& regions() { return regions_; }

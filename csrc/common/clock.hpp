@@ -52,6 +52,9 @@ uint64_t cycles_for_ns(uint64_t ns);
 // system call (see coarse_now_ns). One tick is added so that a deadline never
 // expires early; it may expire up to two ticks late. A bound <= 0 has expired
 // already.
+// The largest bound a wait accepts, in seconds (about 31 years).
+constexpr double kMaxBoundSeconds = 1e9;
+
 class Deadline {
  public:
   static Deadline after_seconds(double seconds) {
@@ -86,7 +89,13 @@ class Deadline {
   }
 
  private:
-  static uint64_t bound_ns(double seconds) { return static_cast<uint64_t>(seconds * 1e9) + coarse_tick_ns(); }
+  // Bounds past kMaxBoundSeconds (or not finite) are refused where they
+  // enter (kUsage); here they saturate instead of wrapping around, which
+  // once made `inf` expire at once.
+  static uint64_t bound_ns(double seconds) {
+    if (!(seconds < kMaxBoundSeconds)) return UINT64_MAX / 2;
+    return static_cast<uint64_t>(seconds * 1e9) + coarse_tick_ns();
+  }
   void start_if_lazy() const {
     if (lazy_bound_ns_ != 0) {
       at_ns_ = coarse_now_ns() + lazy_bound_ns_;

@@ -16,7 +16,10 @@ namespace {
 void check(cudaError_t rc, const char* what) {
   if (rc != cudaSuccess) {
     cudaGetLastError();  // clear the sticky-free error state for the next call
-    throw_system(std::string("CUDA not available: ") + what + ": " + cudaGetErrorString(rc));
+    std::string why = std::string("CUDA not available: ") + what + ": " + cudaGetErrorString(rc);
+    // No driver, or one older than the linked runtime: say which, in the same line.
+    if (rc == cudaErrorInsufficientDriver || rc == cudaErrorNoDevice) why += " (" + cuda_versions() + ")";
+    throw_system(why);
   }
 }
 }  // namespace
@@ -42,9 +45,68 @@ int cuda_check_device_range(const void* ptr, uint64_t len) {
   return attrs.device;
 }
 
+namespace {
+// lamina-net's own copy streams: non-blocking (no implicit ordering with the
+// legacy default stream), one per thread and device, created on first use.
+constexpr int kMaxStreamDevices = 64;
+struct ThreadCopyStreams {
+  cudaStream_t streams[kMaxStreamDevices] = {};
+  ~ThreadCopyStreams() {
+    for (cudaStream_t s : streams) {
+      if (s) cudaStreamDestroy(s);
+    }
+  }
+};
+
+int device_of(const void* ptr) {
+  cudaPointerAttributes attrs{};
+  if (cudaPointerGetAttributes(&attrs, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return attrs.type == cudaMemoryTypeDevice || attrs.type == cudaMemoryTypeManaged ? attrs.device : -1;
+}
+
+cudaStream_t copy_stream(int device) {
+  thread_local ThreadCopyStreams mine;
+  if (device < 0 || device >= kMaxStreamDevices) check(cudaGetDevice(&device), "cudaGetDevice");
+  if (device < 0 || device >= kMaxStreamDevices) throw_system("CUDA not available: device ordinal out of range");
+  cudaStream_t& s = mine.streams[device];
+  if (s == nullptr) {
+    int current = 0;
+    check(cudaGetDevice(&current), "cudaGetDevice");
+    if (current != device) check(cudaSetDevice(device), "cudaSetDevice");
+    const cudaError_t rc = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+    if (current != device) cudaSetDevice(current);
+    if (rc != cudaSuccess) s = nullptr;
+    check(rc, "cudaStreamCreateWithFlags");
+  }
+  return s;
+}
+}  // namespace
+
 void cuda_copy(void* dst, const void* src, uint64_t len) {
   if (len == 0) return;
-  check(cudaMemcpy(dst, src, len, cudaMemcpyDefault), "cudaMemcpy");
+  int device = device_of(dst);
+  if (device < 0) device = device_of(src);
+  cudaStream_t s = copy_stream(device);
+  check(cudaMemcpyAsync(dst, src, len, cudaMemcpyDefault, s), "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+}
+
+uint64_t cuda_read_u64(const void* device_ptr) {
+  uint64_t v = 0;
+  cuda_copy(&v, device_ptr, sizeof(v));
+  return v;
+}
+
+void cuda_stream_synchronize(uintptr_t stream) {
+  const cudaError_t rc = cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream));
+  if (rc == cudaErrorInvalidResourceHandle) {
+    cudaGetLastError();
+    throw_usage("the CUDA stream " + std::to_string(stream) + " is not a live stream");
+  }
+  check(rc, "cudaStreamSynchronize");
 }
 
 void* cuda_alloc_mapped_host(uint64_t size, void** device_ptr) {
@@ -109,6 +171,12 @@ int cuda_check_device_range(const void*, uint64_t) {
 
 void cuda_copy(void*, const void*, uint64_t) {
   throw_usage("CUDA memory needs lamina-net built with CUDA (LAMINA_NET_WITH_CUDA=ON and the CUDA toolkit)");
+}
+uint64_t cuda_read_u64(const void*) {
+  throw_usage("CUDA memory needs lamina-net built with CUDA (LAMINA_NET_WITH_CUDA=ON and the CUDA toolkit)");
+}
+void cuda_stream_synchronize(uintptr_t) {
+  throw_usage("CUDA streams need lamina-net built with CUDA (LAMINA_NET_WITH_CUDA=ON and the CUDA toolkit)");
 }
 
 void* cuda_alloc_mapped_host(uint64_t, void**) {

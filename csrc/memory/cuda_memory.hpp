@@ -20,8 +20,19 @@ namespace lamina {
 bool cuda_built();
 // Checks that [ptr, ptr+len) is device memory; returns its device ordinal.
 int cuda_check_device_range(const void* ptr, uint64_t len);
-// Synchronous copy between any two of host / device memory (unified addressing).
+// Copy between any two of host / device memory (unified addressing); returns
+// when it is done. It runs on a non-blocking stream of lamina-net's own (one
+// per thread and device), never on the legacy default stream: it neither
+// waits for nor delays other streams' work (a running producer kernel, a
+// kernel waiting on a signal this copy precedes).
 void cuda_copy(void* dst, const void* src, uint64_t len);
+// The u64 at a CUDA device address, read with cuda_copy (not atomic against a
+// kernel writing it at the same time; a value some kernel stored).
+uint64_t cuda_read_u64(const void* device_ptr);
+// Blocks the calling thread until every operation enqueued on `stream` (a
+// raw cudaStream_t; 0 = legacy default) is done. Host-path puts call it so
+// that a GPU source is read only after the work that produced it.
+void cuda_stream_synchronize(uintptr_t stream);
 
 // Pinned host memory mapped into every GPU's address space (zeroed), for
 // words both a kernel and a host thread touch (the device ring). *device_ptr

@@ -15,6 +15,9 @@ namespace lamina {
 
 namespace {
 constexpr size_t kMaxFlushesInFlight = 8;
+// Credits (`consumed`) are returned per this many descriptors within a batch
+// (a power of two), and at the end of every batch.
+constexpr uint64_t kCreditBatch = 64;
 
 uint64_t load_acquire(const uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 void store_release(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
@@ -107,6 +110,11 @@ DeviceProxy::DeviceProxy(Endpoint& endpoint, std::shared_ptr<Channel> channel,
   const int64_t spin_us = options_.spin_us >= 0 ? options_.spin_us : setting_int("PROXY_SPIN_US");
   spin_cycles_ = cycles_for_ns(static_cast<uint64_t>(spin_us) * 1000);
 
+  group_id_ = endpoint.group_id();
+  local_.reserve(kMaxDeviceWindows);
+  remote_.reserve(kMaxDeviceWindows);
+  local_count_.store(static_cast<uint32_t>(local_.size()));
+  remote_count_.store(static_cast<uint32_t>(remote_.size()));
   memory_ = std::make_unique<RingMemory>(n, options_.gpu);
   slots_ = memory_->host_slots();
   control_ = memory_->host_control();
@@ -135,6 +143,46 @@ DeviceProxy::DeviceProxy(Endpoint& endpoint, std::shared_ptr<Channel> channel,
 }
 
 DeviceProxy::~DeviceProxy() { close(); }
+
+DeviceChannel DeviceProxy::add_windows(std::vector<std::shared_ptr<Region>> local,
+                                       std::vector<RegionDescriptor> remote) {
+  std::lock_guard<std::mutex> lock(handle_mutex_);
+  if (closed_.load()) throw_usage("device channel is closed");
+  const size_t nl = local_count_.load(), nr = remote_count_.load();
+  if (nl + local.size() > kMaxDeviceWindows || nr + remote.size() > kMaxDeviceWindows) {
+    throw_usage("device channel: at most " + std::to_string(kMaxDeviceWindows) + " local and " +
+                std::to_string(kMaxDeviceWindows) + " remote windows (it has " + std::to_string(nl) + " and " +
+                std::to_string(nr) + ")");
+  }
+  for (size_t i = 0; i < remote.size(); ++i) {
+    if (static_cast<int>(remote[i].owner_rank) != channel_->peer() || remote[i].group_id != group_id_) {
+      throw_usage("device channel: remote window " + std::to_string(nr + i) +
+                  " is not a region of the channel's peer in this group");
+    }
+  }
+  for (size_t i = 0; i < local.size(); ++i) {
+    if (!local[i] || local[i]->closed.load()) {
+      throw_usage("device channel: local window " + std::to_string(nl + i) + " is closed");
+    }
+  }
+  // Filled first, then counted (release): the proxy thread reads an entry
+  // only below the count it loaded (acquire).
+  for (auto& r : local) {
+    handle_.local[local_.size()].base = reinterpret_cast<uint64_t>(r->base);
+    handle_.local[local_.size()].size = r->size;
+    local_.push_back(std::move(r));
+  }
+  for (auto& d : remote) {
+    handle_.remote_size[remote_.size()] = d.size;
+    handle_.remote_access[remote_.size()] = d.access;
+    remote_.push_back(d);
+  }
+  handle_.local_count = static_cast<uint32_t>(local_.size());
+  handle_.remote_count = static_cast<uint32_t>(remote_.size());
+  local_count_.store(handle_.local_count, std::memory_order_release);
+  remote_count_.store(handle_.remote_count, std::memory_order_release);
+  return handle_;
+}
 
 uint64_t DeviceProxy::error_code() const { return load_acquire(&control_->error); }
 
@@ -182,9 +230,10 @@ bool DeviceProxy::execute(const DeviceDescriptor& d, uint64_t expected_ticket) {
     return false;
   }
   auto remote_window = [&](uint32_t w, const char* what) -> const RegionDescriptor& {
-    if (w >= remote_.size()) {
+    const uint32_t count = remote_count_.load(std::memory_order_acquire);
+    if (w >= count) {
       throw_usage(std::string(what) + " window " + std::to_string(w) + " is not one of the channel's " +
-                  std::to_string(remote_.size()) + " remote windows");
+                  std::to_string(count) + " remote windows");
     }
     return remote_[w];
   };
@@ -193,9 +242,10 @@ bool DeviceProxy::execute(const DeviceDescriptor& d, uint64_t expected_ticket) {
       case kDeviceOpNop: break;
       case kDeviceOpPut:
       case kDeviceOpPutSignal: {
-        if (d.src_window >= local_.size()) {
+        const uint32_t local_count = local_count_.load(std::memory_order_acquire);
+        if (d.src_window >= local_count) {
           throw_usage("source window " + std::to_string(d.src_window) + " is not one of the channel's " +
-                      std::to_string(local_.size()) + " local windows");
+                      std::to_string(local_count) + " local windows");
         }
         const Region& src = *local_[d.src_window];
         if (!src.contains(d.src_offset, d.bytes)) {
@@ -242,7 +292,8 @@ bool DeviceProxy::execute(const DeviceDescriptor& d, uint64_t expected_ticket) {
          ticket_text(expected_ticket) + ": " + e.what());
     return false;
   }
-  executed_.fetch_add(1, std::memory_order_relaxed);
+  // Only this thread writes the counter: a plain store, no locked add.
+  executed_.store(executed_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   return true;
 }
 
@@ -279,8 +330,9 @@ void DeviceProxy::park(uint64_t published) {
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   if (load_acquire(&control_->published) == published && !stop_.load(std::memory_order_acquire)) {
     parks_.fetch_add(1, std::memory_order_relaxed);
-    // Bounded nap: the proxy looks at the channel's health and stop_ now and then.
-    futex_wait_us(&control_->doorbell_futex, seen, 2000, true);
+    // Bounded nap (20 ms: an idle device channel wakes 50 times a second, and
+    // notices a failed channel within that); close() wakes it at once.
+    futex_wait_us(&control_->doorbell_futex, seen, 20000, true);
   }
   __atomic_store_n(&control_->proxy_parked, 0u, __ATOMIC_SEQ_CST);
 }
@@ -323,14 +375,20 @@ void DeviceProxy::run() {
     idle = 0;
     healthy = healthy && error_code() == kErrorNone;
     for (; next < published; ++next) {
+      // close() waits for the descriptor being executed, not for the rest of
+      // the batch (up to ring_slots operations, each bounded by the timeout).
+      if (stop_.load(std::memory_order_relaxed)) break;
       if (healthy) {
         // A copy: the producer may refill the slot once `consumed` passes it.
         const DeviceDescriptor d = slots_[next & mask];
         healthy = execute(d, next);
       }
-      // Credits flow even after an error, so no producer waits on a full ring.
-      store_release(&control_->consumed, next + 1);
+      // Credits flow even after an error, so no producer waits on a full ring:
+      // per kCreditBatch descriptors and at the end of the batch, not per
+      // descriptor (each store takes the line from the producers polling it).
+      if (((next + 1) & (kCreditBatch - 1)) == 0) store_release(&control_->consumed, next + 1);
     }
+    store_release(&control_->consumed, next);
     if (!flushes_.empty()) retire_flushes(false);
   }
   // Stopping: flushes already posted complete or fail within their bound.

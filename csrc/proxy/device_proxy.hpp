@@ -21,7 +21,8 @@
 //   every kernel that uses its handle. close() stops the thread (bounded),
 //   then sets kErrorClosed, and only then frees the ring. The Endpoint's
 //   close() closes its proxies before its channels.
-// - Threads: handle(), error(), close() and the stats are thread-safe.
+// - Threads: handle(), add_windows(), error(), close() and the stats are
+//   thread-safe.
 #pragma once
 
 #include <atomic>
@@ -62,7 +63,17 @@ class DeviceProxy : public EndpointAttachment {
   DeviceProxy(const DeviceProxy&) = delete;
   DeviceProxy& operator=(const DeviceProxy&) = delete;
 
-  DeviceChannel handle() const { return handle_; }
+  DeviceChannel handle() const {
+    std::lock_guard<std::mutex> lock(handle_mutex_);
+    return handle_;
+  }
+  // Appends windows: local[i] becomes local window local_count + i, likewise
+  // remote; returns the new handle. Handles made before stay valid (their
+  // windows are a prefix of the new ones), so kernels and CUDA graphs holding
+  // them keep working. The constructor's checks; at most kMaxDeviceWindows of
+  // each in all (kUsage). Thread-safe: the proxy thread accepts a window once
+  // it is complete.
+  DeviceChannel add_windows(std::vector<std::shared_ptr<Region>> local, std::vector<RegionDescriptor> remote);
   bool gpu() const { return options_.gpu; }
   // The back end that runs this channel's device operations.
   const char* device_path() const { return "proxy"; }
@@ -88,8 +99,14 @@ class DeviceProxy : public EndpointAttachment {
   DeviceProxyOptions options_;
   double timeout_s_;
   std::shared_ptr<Channel> channel_;
+  // Capacity kMaxDeviceWindows, reserved up front: add_windows appends
+  // without moving what the proxy thread reads; it reads only the first
+  // local_count_ / remote_count_ entries.
   std::vector<std::shared_ptr<Region>> local_;
   std::vector<RegionDescriptor> remote_;
+  std::atomic<uint32_t> local_count_{0}, remote_count_{0};
+  uint64_t group_id_ = 0;
+  mutable std::mutex handle_mutex_;  // handle_ and appending windows
   std::unique_ptr<RingMemory> memory_;
   DeviceChannel handle_{};
   DeviceRingControl* control_ = nullptr;  // host view of the control words

@@ -14,11 +14,16 @@
 #include "common/settings.hpp"
 #include "memory/cuda_memory.hpp"
 #include "memory/region.hpp"
+#include "proxy/device_pingpong.hpp"
 #include "proxy/device_proxy.hpp"
 #include "transports/factory.hpp"
 
 namespace py = pybind11;
 using namespace lamina;
+
+namespace lamina {
+void bind_stream_ops(py::module_& m);  // stream_bindings.cpp
+}
 
 namespace {
 
@@ -164,6 +169,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("closed", [](const Region& r) { return r.closed.load(); })
       .def("load_u64", [](const Region& r, uint64_t offset) {
         if (offset % 8 || !r.contains(offset, 8)) throw_usage("offset is not an aligned u64 inside the region");
+        // GPU memory: the CPU cannot load it; a copy on lamina-net's own stream.
+        if (r.kind == MemoryKind::kCuda) return cuda_read_u64(static_cast<const char*>(r.base) + offset);
         return __atomic_load_n(reinterpret_cast<const uint64_t*>(static_cast<const char*>(r.base) + offset),
                                __ATOMIC_ACQUIRE);
       });
@@ -274,14 +281,12 @@ PYBIND11_MODULE(_core, m) {
           [](Endpoint& ep, uintptr_t base, uint64_t size, uint32_t access, bool cuda, int device,
              const SharedAllocation* shared) {
             py::gil_scoped_release release;
-            auto region = ep.register_memory(reinterpret_cast<void*>(base), size, access,
-                                             cuda ? MemoryKind::kCuda : MemoryKind::kHost, device);
             auto start = reinterpret_cast<uintptr_t>(shared ? shared->data() : nullptr);
-            if (shared && base >= start && base - start <= shared->size() && size <= shared->size() - (base - start)) {
-              region->shared_fd = shared->fd();
-              region->shared_offset = base - start;
-            }
-            return region;
+            const bool inside =
+                shared && base >= start && base - start <= shared->size() && size <= shared->size() - (base - start);
+            return ep.register_memory(reinterpret_cast<void*>(base), size, access,
+                                      cuda ? MemoryKind::kCuda : MemoryKind::kHost, device,
+                                      inside ? shared->fd() : -1, inside ? base - start : 0);
           },
           py::arg("base"), py::arg("size"), py::arg("access"), py::arg("cuda"), py::arg("device"),
           py::arg("shared").none(true) = nullptr)
@@ -331,8 +336,67 @@ PYBIND11_MODULE(_core, m) {
              py::gil_scoped_release release;
              return run_pingpong(ep, ch, c, buffer, signal, remote_buffer, remote_signal);
            })
+      // The device-API paths of the benchmarks (csrc/proxy/device_pingpong.hpp):
+      // returns (round-trip ns per measured iteration, {device_path, executed, parks, flushes}).
+      .def("device_pingpong",
+           [](Endpoint& ep, std::shared_ptr<Channel> ch, uint64_t size, int iterations, int warmup, bool initiator,
+              double timeout, std::shared_ptr<Region> buffer, std::shared_ptr<Region> signal,
+              const RegionDescriptor& remote_buffer, const RegionDescriptor& remote_signal, uint64_t signal_base,
+              uint64_t ring_slots, int64_t spin_us) {
+             DevicePingPongConfig c;
+             c.size = size;
+             c.iterations = iterations;
+             c.warmup = warmup;
+             c.initiator = initiator;
+             c.timeout_s = timeout;
+             c.signal_base = signal_base;
+             c.ring_slots = ring_slots;
+             c.spin_us = spin_us;
+             DeviceRunInfo info;
+             std::vector<double> times;
+             {
+               py::gil_scoped_release release;
+               times = run_device_pingpong(ep, ch, c, buffer, signal, remote_buffer, remote_signal, &info);
+             }
+             py::dict d;
+             d["device_path"] = info.device_path;
+             d["executed"] = info.stats.executed;
+             d["parks"] = info.stats.parks;
+             d["flushes"] = info.stats.flushes;
+             return py::make_tuple(times, d);
+           })
+      // Put rate: returns {ops, seconds} (device: also device_path, executed, parks).
+      .def("put_rate",
+           [](Endpoint& ep, std::shared_ptr<Channel> ch, const std::string& path, int producers, uint64_t size,
+              uint64_t ops, double timeout, const RegionDescriptor& remote, uint64_t ring_slots, int64_t spin_us) {
+             if (path != "host" && path != "device") throw_usage("put rate path must be 'host' or 'device'");
+             PutRateConfig c;
+             c.producers = producers;
+             c.size = size;
+             c.ops = ops;
+             c.timeout_s = timeout;
+             c.ring_slots = ring_slots;
+             c.spin_us = spin_us;
+             PutRateResult r;
+             {
+               py::gil_scoped_release release;
+               r = path == "device" ? run_device_put_rate(ep, ch, c, remote) : run_host_put_rate(ep, *ch, c, remote);
+             }
+             py::dict d;
+             d["ops"] = r.ops;
+             d["seconds"] = r.seconds;
+             if (path == "device") {
+               d["device_path"] = r.info.device_path;
+               d["executed"] = r.info.stats.executed;
+               d["parks"] = r.info.stats.parks;
+               d["flushes"] = r.info.stats.flushes;
+             }
+             return d;
+           })
       .def("close", [](Endpoint& ep) {
         py::gil_scoped_release release;
         ep.close();
       });
+
+  bind_stream_ops(m);
 }

@@ -420,6 +420,8 @@ bool StreamConnection::parse_header_locked() {
   }
   std::string why;
   auto reject = [&](const std::string& reason) {
+    // The sender is alive and should learn why, not guess "process died?".
+    send_refusal(std::string("refused a ") + frame_type_name(h.type) + ": " + reason);
     fail(std::string("rejected ") + frame_type_name(h.type) + " frame from the peer: " + reason);
     return false;
   };
@@ -497,8 +499,18 @@ bool StreamConnection::parse_header_locked() {
       break;
     }
     case FrameType::kFlush:
-    case FrameType::kClose:
       payload_left_ = 0;
+      break;
+    case FrameType::kClose:
+      // Optional payload: why the peer closed (a refused operation).
+      if (h.length > kMaxCloseReason) {
+        fail("received a close frame with a " + std::to_string(h.length) + "-byte reason; closing the connection");
+        return false;
+      }
+      close_reason_.assign(h.length, 0);
+      payload_dst_ = close_reason_.data();
+      payload_to_message_ = false;
+      payload_left_ = h.length;
       break;
     case FrameType::kAck:
     case FrameType::kAtomicResult:
@@ -712,7 +724,9 @@ bool StreamConnection::drain_locked() {
     return true;
   }
   if (eof && !failed_.load()) {
-    if (peer_said_close_) {
+    if (peer_said_close_ && !close_reason_.empty()) {
+      fail("the peer " + std::string(close_reason_.begin(), close_reason_.end()) + ", and closed the channel");
+    } else if (peer_said_close_) {
       fail("the peer closed the channel");
     } else if (in_payload_ || staging_end_ != staging_begin_) {
       fail("the peer disconnected in the middle of a frame (process died?)");
@@ -788,6 +802,20 @@ void StreamConnection::progress_thread_main() {
       break;
     }
     stream_->wait_readable(20);
+  }
+}
+
+void StreamConnection::send_refusal(const std::string& reason) {
+  // Best effort and brief: the rx path must not wait on tx for long.
+  std::unique_lock<std::mutex> lock(tx_mutex_, std::try_to_lock);
+  if (!lock.owns_lock() || failed_.load()) return;
+  const std::string text = reason.substr(0, kMaxCloseReason);
+  FrameHeader h;
+  h.type = static_cast<uint8_t>(FrameType::kClose);
+  h.length = text.size();
+  try {
+    write_frame_locked(h, text.data(), text.size(), Deadline::after_seconds(0.2));
+  } catch (const Error&) {
   }
 }
 

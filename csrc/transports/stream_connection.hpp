@@ -123,6 +123,8 @@ class StreamConnection : public Connection {
   void flush_control_locked();
   bool try_flush_control();
   void throw_if_failed() const;
+  // Tells the peer, in a close frame, which of its operations was refused.
+  void send_refusal(const std::string& reason);
 
   // rx
   bool drain_locked();  // returns true if anything was processed
@@ -174,6 +176,8 @@ class StreamConnection : public Connection {
   OpRef payload_recv_op_;
   uint64_t payload_recv_len_ = 0;
   bool peer_said_close_ = false;
+  std::vector<char> close_reason_;  // the peer's close frame payload ("refused a PUT: ...")
+  static constexpr uint64_t kMaxCloseReason = 1024;
   std::atomic<bool> rx_stalled_{false};  // unexpected-bytes budget exhausted
 
   // two-sided messages

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import uuid
@@ -58,9 +59,13 @@ class LocalCluster:
         store = f"127.0.0.1:{free_port()}"
         group = f"lamina-decode-{uuid.uuid4().hex[:8]}"
         env = dict(os.environ, LAMINA_DECODE_WORKER_THREADS=str(threads_per_worker))
-        # The children must import this very lamina_net, wherever it was loaded from.
+        # The children must import this very lamina_net, wherever it was loaded
+        # from: `python -m` puts the working directory first on sys.path, so
+        # they start in the directory that holds this package (from a
+        # checkout's root they would otherwise import the source tree).
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self._stderr_files: list = []
         idle_timeout = idle_timeout if idle_timeout is not None else max(600.0, timeout or 0.0)
         try:
             for rank in range(1, count + 1):
@@ -71,8 +76,11 @@ class LocalCluster:
                     command += ["--timeout", str(timeout)]
                 if crash_worker == rank - 1 and crash_after_messages is not None:
                     command += ["--crash-after-messages", str(crash_after_messages)]
-                self.processes.append(subprocess.Popen(command, env=env))
+                stderr = tempfile.TemporaryFile(mode="w+b")
+                self._stderr_files.append(stderr)
+                self.processes.append(subprocess.Popen(command, env=env, cwd=package_root, stderr=stderr))
             self.endpoint = lamina_net.Endpoint(0, count + 1, store=store, group=group, timeout=timeout)
+            self._wait_for_workers(group, timeout)
             for rank in range(1, count + 1):
                 channel = self.endpoint.channel(rank, transport=transport)
                 self.links.append(ChannelLink(channel, f"attention worker {rank - 1} (rank {rank})", timeout))
@@ -82,6 +90,36 @@ class LocalCluster:
             if isinstance(failure, (lamina_net.LaminaError, TimeoutError)):
                 raise self.explain(failure) from failure
             raise
+
+    def _wait_for_workers(self, group: str, timeout: float | None) -> None:
+        """Waits until every worker's endpoint is up; a worker that exits first fails at once."""
+        # Starting a worker is importing torch and transformers, not a network
+        # wait: give it at least a minute (a worker that dies is noticed at once).
+        start_bound = max(timeout or 0.0, 60.0) if timeout is not None else 600.0
+        deadline = time.monotonic() + start_bound
+        store = self.endpoint._live_store()
+        for rank, process in enumerate(self.processes, start=1):
+            while True:
+                try:
+                    store.get(f"ln/{group}/{rank}/info", 0.1)  # published by the worker's Endpoint
+                    break
+                except TimeoutError:
+                    pass
+                if process.poll() is not None:
+                    raise self.explain(PipelineError(f"attention worker {rank - 1} (rank {rank}) exited before "
+                                                     "it connected"))
+                if time.monotonic() > deadline:
+                    raise PipelineError(f"attention worker {rank - 1} (rank {rank}) did not start within "
+                                        f"{start_bound:.3g} s")
+
+    def _last_stderr_lines(self, index: int, count: int = 5) -> str:
+        try:
+            f = self._stderr_files[index]
+            f.seek(0)
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        except (IndexError, OSError, ValueError):
+            return ""
+        return " | ".join(lines[-count:])
 
     @property
     def pids(self) -> list[int]:
@@ -94,7 +132,9 @@ class LocalCluster:
             code = process.poll()
             if code:
                 how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                notes.append(f"attention worker {index} (rank {index + 1}, pid {process.pid}) {how}")
+                tail = self._last_stderr_lines(index)
+                notes.append(f"attention worker {index} (rank {index + 1}, pid {process.pid}) {how}" +
+                             (f"; its last stderr lines: {tail}" if tail else ""))
         return "; ".join(notes)
 
     def explain(self, failure: BaseException) -> PipelineError:
@@ -124,6 +164,15 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for index, process in enumerate(self.processes):
+            if process.returncode and process.returncode > 0:
+                # What the worker said is not lost with its temporary file.
+                tail = self._last_stderr_lines(index, 20)
+                if tail:
+                    sys.stderr.write(f"[attention worker {index}] {tail}\n")
+        for f in self._stderr_files:
+            f.close()
+        self._stderr_files = []
 
     def __enter__(self) -> "LocalCluster":
         return self

@@ -20,6 +20,9 @@ fi
   echo "softroce test: lamina_net does not import; run scripts/setup.sh" >&2; exit 1; }
 [ -x .vm/venv/bin/vng ] || bash scripts/softroce/setup.sh
 tests/verbs/build_cpp_check.sh
+# The device API's CPU producer library (tests/device/cpu_producers.cpp),
+# built here because the guest's root is read-only (the tests reuse it by hash).
+.venv/bin/python tests/device/producers.py || echo "softroce test: could not prebuild tests/device/cpu_producers.cpp" >&2
 
 pytest_args=""
 if (($#)); then pytest_args=$(printf ' %q' "$@"); fi

@@ -11,6 +11,12 @@
 // range like any other inbound put. When the kernel forbids cross-process
 // reads (ptrace policy), puts stay on the ring and a log line says so.
 //
+// Puts into a peer's Endpoint.alloc memory are one memcpy by the sender,
+// checked first against the peer's region board (region_board.hpp: the
+// target's own table of live regions, rights and bounds, mapped read-only);
+// a put the board does not allow goes through the ring, where the target's
+// progress engine refuses it like any hostile frame.
+//
 // Peer death: the peer's pid is watched with a pidfd, so a killed peer fails
 // the channel within one progress period (20 ms) instead of hanging readers.
 #include <fcntl.h>
@@ -25,7 +31,9 @@
 #include <atomic>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <cstring>
+#include <vector>
 #include <random>
 #include <thread>
 
@@ -33,6 +41,7 @@
 #include "common/log.hpp"
 #include "common/settings.hpp"
 #include "transports/factory.hpp"
+#include "transports/shm/region_board.hpp"
 #include "transports/stream_connection.hpp"
 
 namespace lamina {
@@ -59,14 +68,22 @@ struct alignas(64) RingControl {
   char pad3[56];
 };
 
+// Senders of side s raise direct_writers[s] around each direct write into
+// side 1-s's memory; a deregistration on side 1-s waits for it to drop.
+struct alignas(64) WriterCount {
+  std::atomic<uint32_t> n;
+};
+
 struct SegmentHeader {
   uint64_t magic;
   uint64_t ring_bytes;
   std::atomic<int32_t> pid[2];
   std::atomic<uint64_t> probe_addr[2];
+  std::atomic<int32_t> board_fd[2];  // each side's region board (its fd number), -1: none
   std::atomic<uint32_t> attached;
-  char pad[64 - 4];
+  char pad[64 - 12];
   RingControl ring[2];  // ring[s] carries frames from side s to side 1-s
+  WriterCount direct_writers[2];
 };
 static_assert(sizeof(SegmentHeader) <= kHeaderBytes, "segment header fits its page");
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "cross-process atomics must be lock-free");
@@ -98,7 +115,7 @@ int pidfd_open_compat(int pid) {
 
 class ShmStream : public ByteStream {
  public:
-  ShmStream(std::unique_ptr<Mapping> mapping, int side, int peer_pid, uint64_t peer_probe, uint64_t pull_min)
+  ShmStream(std::shared_ptr<Mapping> mapping, int side, int peer_pid, uint64_t peer_probe, uint64_t pull_min)
       : mapping_(std::move(mapping)), side_(side), peer_pid_(peer_pid) {
     header_ = reinterpret_cast<SegmentHeader*>(mapping_->data());
     capacity_ = header_->ring_bytes;
@@ -109,6 +126,16 @@ class ShmStream : public ByteStream {
     pidfd_ = pidfd_open_compat(peer_pid);
     int64_t direct_min = setting_int("SHM_DIRECT_MIN");
     direct_min_ = direct_min >= 0 ? static_cast<uint64_t>(direct_min) : UINT64_MAX;
+    writers_ = &header_->direct_writers[side].n;
+    if (direct_min_ != UINT64_MAX) {
+      peer_board_ = std::make_unique<PeerBoard>(peer_pid, header_->board_fd[1 - side].load());
+      if (peer_board_->empty()) {
+        // Without the target's table nothing can be checked before a direct write.
+        LAMINA_INFO("shm transport: cannot map rank's region board of pid " + std::to_string(peer_pid) +
+                    "; puts go through the ring");
+        direct_min_ = UINT64_MAX;
+      }
+    }
     uint64_t seen = 0;
     if (pull_min != UINT64_MAX && pull_from_peer(&seen, peer_probe, sizeof(seen)) && seen == g_probe_word) {
       pull_min_ = pull_min;
@@ -230,10 +257,13 @@ class ShmStream : public ByteStream {
 
   bool direct_atomic_add(const RegionDescriptor& target, uint64_t offset, uint64_t add, uint64_t* old) override {
     if (direct_min_ == UINT64_MAX || target.owner_pid != peer_pid_ || target.shared_fd < 0) return false;
-    if ((target.shared_offset + offset) % 8 != 0) return false;  // atomics need an aligned word
-    char* base = peer_mapping(target);
+    DirectWrite write(*this);
+    BoardView v;
+    if (!peer_board_->check(target.region_id, offset, 8, kAccessRemoteAtomic, &v)) return false;
+    if ((v.shared_offset + offset) % 8 != 0) return false;  // atomics need an aligned word
+    char* base = peer_mapping(target.region_id, v);
     if (!base) return false;
-    auto* word = reinterpret_cast<uint64_t*>(base + target.shared_offset + offset);
+    auto* word = reinterpret_cast<uint64_t*>(base + v.shared_offset + offset);
     uint64_t prev = __atomic_fetch_add(word, add, __ATOMIC_SEQ_CST);
     if (old) *old = prev;
     // A peer asleep on our ring would not notice a change that bypassed it.
@@ -246,13 +276,25 @@ class ShmStream : public ByteStream {
 
   bool direct_put(const RegionDescriptor& target, uint64_t offset, const void* src, uint64_t len) override {
     if (direct_min_ == UINT64_MAX || target.owner_pid != peer_pid_ || target.shared_fd < 0) return false;
-    char* base = peer_mapping(target);
+    // The target's board, not the descriptor, says where and whether: a
+    // forged or stale descriptor falls back to the ring and is refused there.
+    DirectWrite write(*this);
+    BoardView v;
+    if (!peer_board_->check(target.region_id, offset, len, kAccessRemoteWrite, &v)) return false;
+    char* base = peer_mapping(target.region_id, v);
     if (!base) return false;
-    std::memcpy(base + target.shared_offset + offset, src, len);
+    std::memcpy(base + v.shared_offset + offset, src, len);
     return true;
   }
 
  private:
+  // Holds this side's writer count across a direct write's check and copy.
+  struct DirectWrite {
+    explicit DirectWrite(ShmStream& s) : count(s.writers_) { count->fetch_add(1, std::memory_order_seq_cst); }
+    ~DirectWrite() { count->fetch_sub(1, std::memory_order_release); }
+    std::atomic<uint32_t>* count;
+  };
+
   void copy_out(char* dst, uint64_t pos, size_t n) const {
     size_t at = static_cast<size_t>(pos & (capacity_ - 1));
     size_t first = std::min<size_t>(n, capacity_ - at);
@@ -268,28 +310,30 @@ class ShmStream : public ByteStream {
 
   // Maps the peer's memfd (through /proc/<pid>/fd) once per region; null if
   // the kernel refuses (another user, ptrace policy) - then the ring is used.
-  char* peer_mapping(const RegionDescriptor& target) {
-    auto it = peer_maps_.find(target.region_id);
+  // `v` is the board's entry for region `id` (checked by the caller).
+  char* peer_mapping(uint64_t id, const BoardView& v) {
+    auto it = peer_maps_.find(id);
     if (it != peer_maps_.end()) return it->second ? it->second->data() : nullptr;
     std::unique_ptr<Mapping> mapping;
-    std::string path = "/proc/" + std::to_string(peer_pid_) + "/fd/" + std::to_string(target.shared_fd);
+    std::string path = "/proc/" + std::to_string(peer_pid_) + "/fd/" + std::to_string(v.shared_fd);
     int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
     struct stat st;
-    if (fd >= 0 && fstat(fd, &st) == 0 &&
-        static_cast<uint64_t>(st.st_size) >= target.shared_offset + target.size) {
+    if (fd >= 0 && fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= v.shared_offset + v.size) {
       void* addr = mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       if (addr != MAP_FAILED) mapping = std::make_unique<Mapping>(addr, static_cast<size_t>(st.st_size));
     }
     if (fd >= 0) ::close(fd);
     if (!mapping) LAMINA_INFO("shm transport: cannot map " + path + "; puts to that region use the ring");
     char* data = mapping ? mapping->data() : nullptr;
-    peer_maps_[target.region_id] = std::move(mapping);
+    peer_maps_[id] = std::move(mapping);
     return data;
   }
 
   std::map<uint64_t, std::unique_ptr<Mapping>> peer_maps_;  // by peer region id
   uint64_t direct_min_ = UINT64_MAX;
-  std::unique_ptr<Mapping> mapping_;
+  std::unique_ptr<PeerBoard> peer_board_;
+  std::atomic<uint32_t>* writers_ = nullptr;
+  std::shared_ptr<Mapping> mapping_;
   SegmentHeader* header_;
   int side_;
   int peer_pid_;
@@ -317,13 +361,45 @@ std::string random_segment_name() {
 
 class ShmTransport : public Transport {
  public:
-  explicit ShmTransport(const TransportContext& ctx) : ctx_(ctx) {}
+  explicit ShmTransport(const TransportContext& ctx) : ctx_(ctx) {
+    try {
+      board_ = std::make_unique<RegionBoard>();
+    } catch (const Error& e) {
+      LAMINA_INFO(std::string("shm transport: no region board (") + e.what() + "); peers put through the ring");
+    }
+  }
   const char* name() const override { return "shm"; }
+
+  void register_region(Region& region) override {
+    if (board_) board_->publish(region);
+  }
+  // After the region left the board, no new direct write can start; wait
+  // (bounded) for those that passed the check before, on every channel.
+  void deregister_region(Region& region) override {
+    if (!board_ || region.shared_fd < 0) return;
+    board_->withdraw(region);
+    std::vector<std::pair<std::shared_ptr<Mapping>, int>> live;
+    {
+      std::lock_guard<std::mutex> lock(segments_mutex_);
+      std::erase_if(segments_, [](const auto& s) { return s.first.expired(); });
+      for (auto& [weak, side] : segments_) {
+        if (auto m = weak.lock()) live.emplace_back(std::move(m), side);
+      }
+    }
+    Deadline deadline = Deadline::after_seconds(ctx_.connect_timeout_s);
+    for (auto& [mapping, side] : live) {
+      auto* header = reinterpret_cast<SegmentHeader*>(mapping->data());
+      Backoff backoff(20000);
+      while (header->direct_writers[1 - side].n.load(std::memory_order_seq_cst) != 0 && !deadline.expired()) {
+        backoff.pause();
+      }
+    }
+  }
 
   std::unique_ptr<Connection> connect(const ConnectParams& params) override {
     const int side = params.self_rank < params.peer_rank ? 0 : 1;
     const std::string key = params.key_prefix + "/segment";
-    std::unique_ptr<Mapping> mapping;
+    std::shared_ptr<Mapping> mapping;
     SegmentHeader* header = nullptr;
     if (side == 0) {
       uint64_t ring_bytes = round_up_pow2(static_cast<uint64_t>(setting_int("SHM_RING_BYTES")));
@@ -344,10 +420,12 @@ class ShmTransport : public Transport {
         shm_unlink(name.c_str());
         throw_errno("shm transport: mmap", err);
       }
-      mapping = std::make_unique<Mapping>(addr, total);
+      mapping = std::make_shared<Mapping>(addr, total);
       header = new (addr) SegmentHeader();
       header->magic = kSegmentMagic;
       header->ring_bytes = ring_bytes;
+      header->board_fd[0].store(board_ ? board_->fd() : -1);
+      header->board_fd[1].store(-1);
       header->pid[0].store(getpid());
       header->probe_addr[0].store(reinterpret_cast<uint64_t>(&g_probe_word));
       params.store->set(key, name + ";" + std::to_string(total));
@@ -363,25 +441,38 @@ class ShmTransport : public Transport {
       }
       shm_unlink(name.c_str());
     } else {
-      std::string value = params.store->get(key, params.deadline);
-      auto semi = value.find(';');
-      if (semi == std::string::npos) throw_system("bad shm segment record '" + value + "' in the store");
-      std::string name = value.substr(0, semi);
-      size_t total = std::stoull(value.substr(semi + 1));
-      int fd = shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0600);
-      if (fd < 0) {
-        throw_errno("shm transport: cannot open rank " + std::to_string(params.peer_rank) + "'s segment " + name +
-                        " (is the peer on another host?)",
-                    errno);
+      // The record may be a restarted peer's previous one (its segment is
+      // gone): keep reading until a segment opens or the deadline passes.
+      std::string value, name;
+      size_t total = 0;
+      int fd = -1;
+      for (;;) {
+        value = params.store->get(key, params.deadline);
+        auto semi = value.find(';');
+        if (semi == std::string::npos) throw_system("bad shm segment record '" + value + "' in the store");
+        name = value.substr(0, semi);
+        total = std::stoull(value.substr(semi + 1));
+        fd = shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0600);
+        if (fd >= 0) break;
+        const int err = errno;
+        if (err != ENOENT || params.deadline.expired()) {
+          throw_errno("shm transport: cannot open rank " + std::to_string(params.peer_rank) + "'s segment " + name +
+                          (err == ENOENT ? " (the record in the store is stale - the peer restarted and has not "
+                                           "opened the channel again - or the peer is on another host)"
+                                         : ""),
+                      err);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
       }
       void* addr = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
       ::close(fd);
       if (addr == MAP_FAILED) throw_errno("shm transport: mmap", errno);
-      mapping = std::make_unique<Mapping>(addr, total);
+      mapping = std::make_shared<Mapping>(addr, total);
       header = reinterpret_cast<SegmentHeader*>(addr);
       if (header->magic != kSegmentMagic || kHeaderBytes + 2 * header->ring_bytes != total) {
         throw_system("shm segment " + name + " is not a lamina-net channel");
       }
+      header->board_fd[1].store(board_ ? board_->fd() : -1);
       header->pid[1].store(getpid());
       header->probe_addr[1].store(reinterpret_cast<uint64_t>(&g_probe_word));
       header->attached.store(1, std::memory_order_release);
@@ -390,6 +481,10 @@ class ShmTransport : public Transport {
     uint64_t peer_probe = header->probe_addr[1 - side].load();
     uint64_t pull_min = static_cast<uint64_t>(setting_int("SHM_SINGLE_COPY_MIN"));
     if (pull_min == 0) pull_min = UINT64_MAX;
+    {
+      std::lock_guard<std::mutex> lock(segments_mutex_);
+      segments_.emplace_back(mapping, side);
+    }
     auto stream = std::make_unique<ShmStream>(std::move(mapping), side, peer_pid, peer_probe, pull_min);
     auto conn = std::make_unique<StreamConnection>("shm", params.peer_rank, std::move(stream), params.regions,
                                                    params.on_inbound);
@@ -399,6 +494,9 @@ class ShmTransport : public Transport {
 
  private:
   TransportContext ctx_;
+  std::unique_ptr<RegionBoard> board_;
+  std::mutex segments_mutex_;
+  std::vector<std::pair<std::weak_ptr<Mapping>, int>> segments_;  // every channel's segment, and our side
 };
 
 }  // namespace

@@ -6,6 +6,12 @@
 // present it within a short bound is closed with a logged reason. After the
 // handshake the socket is a ByteStream for StreamConnection, whose target side
 // validates every inbound operation against the local RegionTable.
+//
+// Handshakes run concurrently in the accept thread (each with its own bound,
+// at most kMaxPendingHandshakes at once), so a stranger that connects and
+// sends nothing - or half a hello - delays nobody. Both ranks agree on the
+// outcome: the acceptor's connect() sends one confirm byte when it takes the
+// socket, and the dialer counts the channel connected only once it has it.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -22,6 +28,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "common/error.hpp"
 #include "common/log.hpp"
@@ -34,6 +41,8 @@ namespace lamina {
 namespace {
 
 constexpr double kHelloTimeoutS = 5.0;
+constexpr size_t kMaxPendingHandshakes = 64;
+constexpr uint8_t kConfirmByte = 0xa5;
 
 class Fd {
  public:
@@ -251,20 +260,28 @@ class TcpTransport : public Transport {
   }
 
   Fd dial(const ConnectParams& params, const std::string& key) {
-    std::string where = ctx_.store->get(ctx_.group_prefix + "/" + std::to_string(params.peer_rank) + "/tcp_addr",
-                                        params.deadline);
-    auto colon = where.rfind(':');
-    if (colon == std::string::npos) throw_system("bad tcp address '" + where + "' in the store");
-    std::string host = where.substr(0, colon), port = where.substr(colon + 1);
-    struct addrinfo hints = {};
-    hints.ai_family = AF_INET;
-    hints.ai_socktype = SOCK_STREAM;
-    struct addrinfo* res = nullptr;
-    int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
-    if (rc != 0 || !res) throw_system("cannot resolve " + where + ": " + gai_strerror(rc));
-    std::unique_ptr<addrinfo, decltype(&freeaddrinfo)> holder(res, freeaddrinfo);
+    const std::string addr_key = ctx_.group_prefix + "/" + std::to_string(params.peer_rank) + "/tcp_addr";
+    std::string where;
+    std::unique_ptr<addrinfo, decltype(&freeaddrinfo)> holder(nullptr, freeaddrinfo);
+    addrinfo* res = nullptr;
     std::string last_error = "not attempted";
     while (!params.deadline.expired()) {
+      // Read the address again on every try: a restarted peer publishes a
+      // new one, and the first read may have been its previous life's.
+      std::string now = ctx_.store->get(addr_key, params.deadline);
+      if (now != where || !res) {
+        where = now;
+        auto colon = where.rfind(':');
+        if (colon == std::string::npos) throw_system("bad tcp address '" + where + "' in the store");
+        std::string host = where.substr(0, colon), port = where.substr(colon + 1);
+        struct addrinfo hints = {};
+        hints.ai_family = AF_INET;
+        hints.ai_socktype = SOCK_STREAM;
+        res = nullptr;
+        int rc = getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
+        if (rc != 0 || !res) throw_system("cannot resolve " + where + ": " + gai_strerror(rc));
+        holder.reset(res);
+      }
       Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
       if (fd.get() < 0) throw_errno("socket", errno);
       if (::connect(fd.get(), res->ai_addr, res->ai_addrlen) == 0) {
@@ -282,6 +299,16 @@ class TcpTransport : public Transport {
           throw_system("tcp handshake with rank " + std::to_string(params.peer_rank) + " at " + where +
                        " rejected: " + (why.empty() ? "answered as the wrong rank" : why));
         }
+        // Connected only once the peer's connect() took this socket.
+        uint8_t confirm = 0;
+        if (!io_exact(fd.get(), &confirm, 1, false, params.deadline, &why) || confirm != kConfirmByte) {
+          if (params.deadline.expired()) {
+            throw_timeout("connecting tcp channel to rank " + std::to_string(params.peer_rank) + " at " + where +
+                          ": the peer answered the handshake but did not take the connection in time");
+          }
+          throw_system("tcp handshake with rank " + std::to_string(params.peer_rank) + " at " + where +
+                       " was not confirmed: " + (why.empty() ? "bad confirm byte" : why));
+        }
         return fd;
       }
       last_error = errno_message("connect", errno);
@@ -298,6 +325,12 @@ class TcpTransport : public Transport {
       if (it != accepted_.end() && it->second.rank == peer_rank) {
         Fd fd = std::move(it->second.fd);
         accepted_.erase(it);
+        std::string why;
+        uint8_t confirm = kConfirmByte;
+        if (!io_exact(fd.get(), &confirm, 1, true, deadline, &why)) {
+          throw_system("tcp handshake with rank " + std::to_string(peer_rank) + " failed at its confirmation: " +
+                       why);
+        }
         return fd;
       }
       if (deadline.expired()) {
@@ -307,31 +340,102 @@ class TcpTransport : public Transport {
     }
   }
 
-  void accept_loop() {
-    while (!stop_.load()) {
-      struct pollfd pfds[2] = {{listen_fd_.get(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
-      if (::poll(pfds, 2, -1) <= 0 || !(pfds[0].revents & POLLIN)) continue;
-      Fd fd(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
-      if (fd.get() < 0) continue;
-      HelloFrame hello;
-      std::string why;
-      if (!io_exact(fd.get(), &hello, sizeof(hello), false, Deadline::after_seconds(kHelloTimeoutS), &why)) {
-        LAMINA_WARN("tcp transport: dropped an incoming connection: " + why);
-        continue;
+  // One handshake in progress: the hello read so far, then the reply written.
+  struct Pending {
+    Fd fd;
+    Deadline deadline;
+    HelloFrame hello{};
+    size_t got = 0;
+    HelloFrame reply{};
+    size_t sent = 0;
+    bool replying = false;
+  };
+
+  // Advances one handshake; returns false when it is finished (accepted or dropped).
+  bool step(Pending& p) {
+    auto drop = [&](const std::string& why, bool warn) {
+      if (warn) LAMINA_WARN("tcp transport: dropped an incoming connection: " + why);
+      else LAMINA_INFO("tcp transport: dropped an incoming connection: " + why);
+      return false;
+    };
+    if (!p.replying) {
+      ssize_t n = ::recv(p.fd.get(), reinterpret_cast<char*>(&p.hello) + p.got, sizeof(p.hello) - p.got,
+                         MSG_DONTWAIT);
+      if (n == 0) return drop("connection closed during the handshake", false);
+      if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return true;
+        return drop(errno_message("recv", errno), true);
       }
-      why = check_hello(hello);
+      p.got += static_cast<size_t>(n);
+      if (p.got < sizeof(p.hello)) return true;
+      std::string why = check_hello(p.hello);
       if (!why.empty()) {
         LAMINA_WARN("tcp transport: rejected an incoming connection: " + why);
-        continue;
+        return false;
       }
-      HelloFrame reply = make_hello(hello.channel_key);
-      if (!io_exact(fd.get(), &reply, sizeof(reply), true, Deadline::after_seconds(kHelloTimeoutS), &why)) {
-        LAMINA_WARN("tcp transport: dropped an incoming connection: " + why);
-        continue;
+      p.reply = make_hello(p.hello.channel_key);
+      p.replying = true;
+    }
+    ssize_t n = ::send(p.fd.get(), reinterpret_cast<const char*>(&p.reply) + p.sent, sizeof(p.reply) - p.sent,
+                       MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return true;
+      return drop(errno_message("send", errno), true);
+    }
+    p.sent += static_cast<size_t>(n);
+    if (p.sent < sizeof(p.reply)) return true;
+    std::lock_guard<std::mutex> lock(mutex_);
+    // A newer dial for the same channel (the dialer retried) replaces the older one.
+    accepted_[p.hello.channel_key] = Accepted{p.hello.rank, std::move(p.fd)};
+    cv_.notify_all();
+    return false;
+  }
+
+  void accept_loop() {
+    std::vector<Pending> pending;
+    std::vector<struct pollfd> pfds;
+    while (!stop_.load()) {
+      pfds.clear();
+      pfds.push_back({listen_fd_.get(), POLLIN, 0});
+      pfds.push_back({stop_fd_.get(), POLLIN, 0});
+      int timeout_ms = -1;
+      for (auto& p : pending) {
+        pfds.push_back({p.fd.get(), static_cast<short>(p.replying ? POLLOUT : POLLIN), 0});
+        const int left = p.deadline.remaining_ms(1000);
+        timeout_ms = timeout_ms < 0 ? left : std::min(timeout_ms, left);
       }
-      std::lock_guard<std::mutex> lock(mutex_);
-      accepted_[hello.channel_key] = Accepted{hello.rank, std::move(fd)};
-      cv_.notify_all();
+      if (::poll(pfds.data(), pfds.size(), timeout_ms) < 0 && errno != EINTR) continue;
+      if (stop_.load()) break;
+      // Advance the handshakes that are ready; drop the finished and the late.
+      std::vector<Pending> still;
+      for (size_t i = 0; i < pending.size(); ++i) {
+        Pending& p = pending[i];
+        bool keep = true;
+        if (pfds[i + 2].revents) keep = step(p);
+        if (keep && p.deadline.expired()) {
+          LAMINA_WARN("tcp transport: dropped an incoming connection: handshake timed out after " +
+                      std::to_string(p.got) + " of " + std::to_string(sizeof(p.hello)) + " hello bytes");
+          keep = false;
+        }
+        if (keep) still.push_back(std::move(p));
+      }
+      pending.swap(still);
+      if (!(pfds[0].revents & POLLIN)) continue;
+      for (;;) {
+        Fd fd(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+        if (fd.get() < 0) break;
+        if (pending.size() >= kMaxPendingHandshakes) {
+          // The oldest unfinished handshake goes first: a flood of idle
+          // strangers cannot keep a real peer out for long.
+          LAMINA_WARN("tcp transport: " + std::to_string(kMaxPendingHandshakes) +
+                      " handshakes pending; dropped the oldest");
+          pending.erase(pending.begin());
+        }
+        Pending p;
+        p.fd = std::move(fd);
+        p.deadline = Deadline::after_seconds(kHelloTimeoutS);
+        if (step(p)) pending.push_back(std::move(p));  // most hellos are there already
+      }
     }
   }
 

@@ -907,10 +907,14 @@ void RcConnection::post_put(const LocalSlice& src, const RemoteSlice& dst, const
     }
   }
   const std::optional<uint32_t> lkey = registered_lkey(src);
-  // The CPU cannot copy or inline GPU memory: it always goes zero-copy.
-  const bool device_memory = src.region != nullptr && src.region->kind == MemoryKind::kCuda;
+  // The CPU cannot copy or inline GPU memory: it always goes zero-copy, so it
+  // must lie inside a registered region. src.device is what the caller says
+  // (the region may be null: unregistered GPU memory is still GPU memory).
+  const bool device_memory = src.device || (src.region != nullptr && src.region->kind == MemoryKind::kCuda);
   if (device_memory && !lkey) {
-    throw_usage("verbs put: the GPU source is not inside a region registered with the verbs transport");
+    throw_usage("verbs put: the GPU source (" + std::to_string(src.len) +
+                " bytes) is not inside a region registered with the verbs transport; register it (or a tensor "
+                "holding it) with Endpoint.register first: the CPU cannot copy or inline GPU memory");
   }
   const auto* bytes = static_cast<const uint8_t*>(src.ptr);
   const uint64_t remote = dst.target.addr + dst.offset;

@@ -270,6 +270,23 @@ void run_checks() {
   echo.join();
   std::printf("many messages ok\n");
 
+  // A GPU source outside every registered region (issue 15, item 10): refused
+  // with kUsage before anything is posted - the CPU must never inline or copy
+  // from a device pointer. (A host word stands in: the flag is what counts.)
+  {
+    uint64_t v = 7;
+    bool refused = false;
+    try {
+      a.connection->post_put(LocalSlice{&v, 8, nullptr, true}, RemoteSlice{b_data, 0}, nullptr, nullptr,
+                             Deadline::after_seconds(5));
+    } catch (const Error& e) {
+      refused = e.kind() == ErrorKind::kUsage;
+    }
+    CHECK(refused);
+    CHECK(!a.connection->failed(nullptr));
+    std::printf("unregistered GPU source refused\n");
+  }
+
   // Remote access error: wrong rkey.
   {
     RegionDescriptor bad = b_data;
