@@ -118,10 +118,17 @@ class _Handler(socketserver.BaseRequestHandler):
                 elif op == _OP_ADD:
                     (delta,) = struct.unpack("<q", arg)
                     with server.cond:
-                        value = int(server.data.get(key, b"0")) + delta
-                        server.data[key] = str(value).encode()
-                        server.cond.notify_all()
-                    _send_fields(sock, bytes([_STATUS_OK]), str(value).encode())
+                        try:
+                            value = int(server.data.get(key, b"0")) + delta
+                        except ValueError:  # the key holds something else (found by fuzzing)
+                            value = None
+                        if value is not None:
+                            server.data[key] = str(value).encode()
+                            server.cond.notify_all()
+                    if value is None:
+                        _send_fields(sock, bytes([_STATUS_BAD]))
+                    else:
+                        _send_fields(sock, bytes([_STATUS_OK]), str(value).encode())
                 else:
                     _send_fields(sock, bytes([_STATUS_BAD]))
                     return

@@ -241,6 +241,8 @@ bool StreamConnection::peer_caught_up_locked(Deadline deadline) {
   // Ordering: every frame sent before must be applied at the target, or a
   // direct write could overtake a queued put to the same bytes. A target that
   // lags behind more than briefly gets frames instead.
+  // The common case first: no clock read (a vDSO call) on the latency path.
+  if (stream_->peer_applied() >= last_seq_) return true;
   Deadline catch_up = Deadline::after_seconds(0.002);
   Backoff backoff(200000);
   while (stream_->peer_applied() < last_seq_) {
