@@ -17,9 +17,6 @@ std::vector<double> run_pingpong(Endpoint& endpoint, Channel& channel, const Pin
   if (config.op == "write" && (config.size < 8 || config.size % 8 != 0)) {
     throw_usage("ping-pong op 'write' needs a size that is a multiple of 8 bytes (its last word carries the round)");
   }
-  std::vector<double> times;
-  times.reserve(static_cast<size_t>(config.iterations));
-  const int total = config.warmup + config.iterations;
   const uint64_t base = config.signal_base;
   RemoteWord sig{remote_signal, 0, 1};
   const bool use_put = config.op == "put";
@@ -30,22 +27,7 @@ std::vector<double> run_pingpong(Endpoint& endpoint, Channel& channel, const Pin
   // write is not guaranteed by RDMA).
   const bool use_write = config.op == "write";
   const uint64_t last_word = config.size - 8;
-  // Send from private memory, as the C references do: sending from the buffer
-  // the peer writes into would add cache-line traffic that is not the
-  // transport's.
-  std::vector<char> source(config.size, 1);
-  // Registered, so that transports that need it (verbs) send it zero-copy.
-  auto source_region = endpoint.register_memory(source.data(), source.size(), kAccessLocal, MemoryKind::kHost, -1);
-  struct Deregister {
-    Endpoint& endpoint;
-    uint64_t id;
-    ~Deregister() {
-      try {
-        endpoint.deregister(id, 5.0);
-      } catch (...) {  // never throw from a destructor; the endpoint cleans up at close
-      }
-    }
-  } deregister{endpoint, source_region->id};
+  PingPongSource source(endpoint, config.size);
 
   auto send_one = [&](int i) {
     if (use_write) {
@@ -69,27 +51,20 @@ std::vector<double> run_pingpong(Endpoint& endpoint, Channel& channel, const Pin
     }
   };
 
-  // Rounds are timed in CPU cycles where there is a cycle counter (as
-  // perftest does), scaled to ns by the clock over the whole run: on VMs whose
-  // clock is an emulated device, two clock reads per round would add to what
-  // is measured.
-  const uint64_t run_start_ns = now_ns();
-  const uint64_t run_start_ticks = cycle_counter();
-  for (int i = 0; i < total; ++i) {
-    if (config.initiator) {
-      const uint64_t t0 = cycle_counter();
-      send_one(i);
-      receive_one(i);
-      if (i >= config.warmup) times.push_back(static_cast<double>(cycle_counter() - t0));
-    } else {
-      receive_one(i);
-      send_one(i);
-    }
+  return time_rounds(config.warmup, config.iterations, config.initiator, send_one, receive_one);
+}
+
+PingPongSource::PingPongSource(Endpoint& endpoint, uint64_t size) : endpoint_(endpoint), bytes_(size, 1) {
+  region_ = endpoint_.register_memory(bytes_.data(), bytes_.size(), kAccessLocal, MemoryKind::kHost, -1);
+}
+
+PingPongSource::~PingPongSource() {
+  const uint64_t id = region_->id;
+  region_.reset();
+  try {
+    endpoint_.deregister(id, 5.0);
+  } catch (...) {  // never throw from a destructor; the endpoint cleans up at close
   }
-  const uint64_t run_ticks = cycle_counter() - run_start_ticks;
-  const double ns_per_tick = run_ticks > 0 ? static_cast<double>(now_ns() - run_start_ns) / run_ticks : 1.0;
-  for (double& t : times) t *= ns_per_tick;
-  return times;
 }
 
 }  // namespace lamina

@@ -2,6 +2,7 @@
 // In C++ so the measurement contains no Python.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "channels/endpoint.hpp"
@@ -24,6 +25,55 @@ struct PingPongConfig {
   // arrive before this rank enters run_pingpong.
   uint64_t signal_base = 0;
 };
+
+// Private registered memory a ping-pong sends from, as the C references do
+// (sending from the buffer the peer writes into would add cache-line traffic
+// that is not the transport's); registered, so that transports that need it
+// (verbs) send it zero-copy. Deregistered when it goes out of scope.
+class PingPongSource {
+ public:
+  PingPongSource(Endpoint& endpoint, uint64_t size);
+  ~PingPongSource();
+  PingPongSource(const PingPongSource&) = delete;
+  PingPongSource& operator=(const PingPongSource&) = delete;
+  char* data() { return bytes_.data(); }
+  const std::shared_ptr<Region>& region() const { return region_; }
+
+ private:
+  Endpoint& endpoint_;
+  std::vector<char> bytes_;
+  std::shared_ptr<Region> region_;
+};
+
+// Runs warmup + iterations rounds: the initiator calls send(i) then
+// receive(i) and times each measured round, the responder receive(i) then
+// send(i). Rounds are timed in CPU cycles where there is a cycle counter (as
+// perftest does), scaled to ns by the clock over the whole run: on VMs whose
+// clock is an emulated device, two clock reads per round would add to what
+// is measured. Returns the initiator's round trips in ns (empty otherwise).
+template <typename Send, typename Receive>
+std::vector<double> time_rounds(int warmup, int iterations, bool initiator, Send send, Receive receive) {
+  std::vector<double> times;
+  times.reserve(static_cast<size_t>(iterations));
+  const int total = warmup + iterations;
+  const uint64_t run_start_ns = now_ns();
+  const uint64_t run_start_ticks = cycle_counter();
+  for (int i = 0; i < total; ++i) {
+    if (initiator) {
+      const uint64_t t0 = cycle_counter();
+      send(i);
+      receive(i);
+      if (i >= warmup) times.push_back(static_cast<double>(cycle_counter() - t0));
+    } else {
+      receive(i);
+      send(i);
+    }
+  }
+  const uint64_t run_ticks = cycle_counter() - run_start_ticks;
+  const double ns_per_tick = run_ticks > 0 ? static_cast<double>(now_ns() - run_start_ns) / run_ticks : 1.0;
+  for (double& t : times) t *= ns_per_tick;
+  return times;
+}
 
 // Regions: `buffer` (>= size bytes) receives the peer's payload; `signal`
 // (>= 8 bytes) counts arrivals. remote_* are the peer's equivalents.

@@ -13,25 +13,6 @@ namespace {
 constexpr uint32_t kLocalBuffer = 0, kLocalSignal = 1, kLocalSource = 2;
 constexpr uint32_t kRemoteBuffer = 0, kRemoteSignal = 1;
 
-// A registered private source, deregistered when the run ends (after the
-// proxy that reads it is gone: declare it before the proxy guard).
-struct Source {
-  Endpoint& endpoint;
-  std::vector<char> bytes;
-  std::shared_ptr<Region> region;
-  Source(Endpoint& ep, uint64_t size) : endpoint(ep), bytes(size, 1) {
-    region = endpoint.register_memory(bytes.data(), bytes.size(), kAccessLocal, MemoryKind::kHost, -1);
-  }
-  ~Source() {
-    const uint64_t id = region->id;
-    region.reset();
-    try {
-      endpoint.deregister(id, 5.0);
-    } catch (...) {  // never throw from a destructor; the endpoint cleans up at close
-    }
-  }
-};
-
 // Closes the proxy on every way out, so no proxy thread outlives the run.
 struct ProxyGuard {
   std::shared_ptr<DeviceProxy> proxy;
@@ -88,44 +69,24 @@ std::vector<double> run_device_pingpong(Endpoint& endpoint, const std::shared_pt
   if (config.iterations <= 0 || config.warmup < 0) {
     throw_usage("device ping-pong needs iterations > 0 and warmup >= 0");
   }
-  std::vector<double> times;
-  times.reserve(static_cast<size_t>(config.iterations));
-  const int total = config.warmup + config.iterations;
   const uint64_t base = config.signal_base;
-  // Sent from private registered memory, as run_pingpong does.
-  Source source(endpoint, config.size);
-  ProxyGuard guard{make_proxy(endpoint, channel, {buffer, signal, source.region}, {remote_buffer, remote_signal},
+  // Sent from private registered memory, as run_pingpong does. Declared
+  // before the proxy guard: deregistered after the proxy that reads it is gone.
+  PingPongSource source(endpoint, config.size);
+  ProxyGuard guard{make_proxy(endpoint, channel, {buffer, signal, source.region()}, {remote_buffer, remote_signal},
                               config.ring_slots, config.timeout_s, config.spin_us)};
   const DeviceProxy& proxy = *guard.proxy;
   const DeviceChannel h = proxy.handle();
   const uint64_t size = config.size;
 
-  auto send_one = [&] {
+  auto send_one = [&](int) {
     check(h.put_signal(kRemoteBuffer, 0, kLocalSource, 0, size, kRemoteSignal, 0, 1), proxy, "device ping-pong put");
   };
   auto receive_one = [&](int i) {
     check(h.wait(kLocalSignal, 0, base + static_cast<uint64_t>(i) + 1), proxy,
           "device ping-pong wait for round " + std::to_string(i));
   };
-
-  // Timed as run_pingpong does: cycles per round, scaled by the clock over
-  // the whole run.
-  const uint64_t run_start_ns = now_ns();
-  const uint64_t run_start_ticks = cycle_counter();
-  for (int i = 0; i < total; ++i) {
-    if (config.initiator) {
-      const uint64_t t0 = cycle_counter();
-      send_one();
-      receive_one(i);
-      if (i >= config.warmup) times.push_back(static_cast<double>(cycle_counter() - t0));
-    } else {
-      receive_one(i);
-      send_one();
-    }
-  }
-  const uint64_t run_ticks = cycle_counter() - run_start_ticks;
-  const double ns_per_tick = run_ticks > 0 ? static_cast<double>(now_ns() - run_start_ns) / run_ticks : 1.0;
-  for (double& t : times) t *= ns_per_tick;
+  std::vector<double> times = time_rounds(config.warmup, config.iterations, config.initiator, send_one, receive_one);
   // The responder's last put may still be in the ring: the proxy stops
   // without draining it, so flush before closing.
   check(h.flush(), proxy, "device ping-pong flush");
@@ -142,8 +103,8 @@ PutRateResult run_device_put_rate(Endpoint& endpoint, const std::shared_ptr<Chan
   const uint64_t size = config.size;
   const uint64_t slots = remote.size / size;  // destination offsets cycle through the target
   const int producers = config.producers;
-  Source source(endpoint, size * static_cast<uint64_t>(producers));
-  ProxyGuard guard{make_proxy(endpoint, channel, {source.region}, {remote}, config.ring_slots, config.timeout_s,
+  PingPongSource source(endpoint, size * static_cast<uint64_t>(producers));
+  ProxyGuard guard{make_proxy(endpoint, channel, {source.region()}, {remote}, config.ring_slots, config.timeout_s,
                               config.spin_us)};
   const DeviceProxy& proxy = *guard.proxy;
   const DeviceChannel h = proxy.handle();
@@ -193,8 +154,8 @@ PutRateResult run_host_put_rate(Endpoint& endpoint, Channel& channel, const PutR
   if (config.ops == 0) throw_usage("put rate: ops must be > 0");
   const uint64_t size = config.size;
   const uint64_t slots = remote.size / size;
-  Source source(endpoint, size);  // registered, as the device path's source is
-  const void* src = source.bytes.data();
+  PingPongSource source(endpoint, size);  // registered, as the device path's source is
+  const void* src = source.data();
   const uint64_t start_ns = now_ns();
   for (uint64_t k = 0; k < config.ops; ++k) {
     channel.put(src, size, remote, (k % slots) * size, nullptr, false, config.timeout_s);

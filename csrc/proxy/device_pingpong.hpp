@@ -13,19 +13,13 @@
 #include <vector>
 
 #include "channels/endpoint.hpp"
+#include "channels/pingpong.hpp"
 #include "proxy/device_proxy.hpp"
 
 namespace lamina {
 
-struct DevicePingPongConfig {
-  uint64_t size = 8;
-  int iterations = 1000;
-  int warmup = 100;
-  bool initiator = true;   // rank that starts each round
-  double timeout_s = 30;
-  // Value of the local signal word before the peer's first put of this run
-  // (read it before synchronizing with the peer, as for run_pingpong).
-  uint64_t signal_base = 0;
+// PingPongConfig's rounds (its `op` is always "put" here), plus the proxy's.
+struct DevicePingPongConfig : PingPongConfig {
   uint64_t ring_slots = 1024;
   int64_t spin_us = -1;    // the proxy's spin before it parks; < 0: LAMINA_NET_PROXY_SPIN_US
 };

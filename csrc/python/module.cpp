@@ -62,6 +62,18 @@ class PyStore : public KeyValueStore {
   py::object store_;
 };
 
+// The rounds of a ping-pong, as both bench bindings take them.
+void fill_rounds(PingPongConfig& c, const std::string& op, uint64_t size, int iterations, int warmup, bool initiator,
+                 double timeout, uint64_t signal_base) {
+  c.op = op;
+  c.size = size;
+  c.iterations = iterations;
+  c.warmup = warmup;
+  c.initiator = initiator;
+  c.timeout_s = timeout;
+  c.signal_base = signal_base;
+}
+
 RegionDescriptor descriptor_from(const py::bytes& blob) { return RegionDescriptor::deserialize(std::string(blob)); }
 
 }  // namespace
@@ -326,13 +338,7 @@ PYBIND11_MODULE(_core, m) {
               bool initiator, double timeout, Region& buffer, Region& signal, const RegionDescriptor& remote_buffer,
               const RegionDescriptor& remote_signal, uint64_t signal_base) {
              PingPongConfig c;
-             c.op = op;
-             c.size = size;
-             c.iterations = iterations;
-             c.warmup = warmup;
-             c.initiator = initiator;
-             c.timeout_s = timeout;
-             c.signal_base = signal_base;
+             fill_rounds(c, op, size, iterations, warmup, initiator, timeout, signal_base);
              py::gil_scoped_release release;
              return run_pingpong(ep, ch, c, buffer, signal, remote_buffer, remote_signal);
            })
@@ -344,12 +350,7 @@ PYBIND11_MODULE(_core, m) {
               const RegionDescriptor& remote_buffer, const RegionDescriptor& remote_signal, uint64_t signal_base,
               uint64_t ring_slots, int64_t spin_us) {
              DevicePingPongConfig c;
-             c.size = size;
-             c.iterations = iterations;
-             c.warmup = warmup;
-             c.initiator = initiator;
-             c.timeout_s = timeout;
-             c.signal_base = signal_base;
+             fill_rounds(c, "put", size, iterations, warmup, initiator, timeout, signal_base);
              c.ring_slots = ring_slots;
              c.spin_us = spin_us;
              DeviceRunInfo info;
