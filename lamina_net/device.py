@@ -30,7 +30,6 @@ a CUDA graph and replayed. What fails later, on the GPU, is in
 from __future__ import annotations
 
 import operator
-import os
 import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -130,9 +129,11 @@ class DeviceChannel:
                 raise UsageError(f"remote window {i}: expected a RemoteRegion, got {type(r).__name__}")
         if len(local) > MAX_WINDOWS or len(remote) > MAX_WINDOWS:
             raise UsageError(f"at most {MAX_WINDOWS} local and {MAX_WINDOWS} remote windows")
+        # None: the core reads LAMINA_NET_DEVICE_RING_SLOTS (its settings registry, typed errors).
         if ring_slots is None:
-            ring_slots = int(os.environ.get("LAMINA_NET_DEVICE_RING_SLOTS", "1024") or 1024)
-        ring_slots = _check_uint("ring_slots", ring_slots)
+            ring_slots = 0
+        elif _check_uint("ring_slots", ring_slots) == 0:
+            raise UsageError("ring_slots must be a power of two in [2, 16777216], got 0")
         if gpu is None:
             gpu = any(r._buffer.cuda for r in local)
         if spin_us is None:

@@ -246,3 +246,27 @@ def test_a_crashed_ranks_claim_is_taken_over(shared_store):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     with ln.Endpoint(0, 1, shared_store, group="crashed", timeout=5) as ep:  # its holder is gone
         assert ep.rank == 0
+
+
+def test_device_ring_slots_come_from_the_settings_registry(monkeypatch):
+    import threading
+
+    store = f"127.0.0.1:{free_port()}"
+    with ln.Endpoint(0, 2, store, group="ring-setting", timeout=5) as ep0, \
+            ln.Endpoint(1, 2, store, group="ring-setting", timeout=5) as ep1:
+        other = threading.Thread(target=lambda: ep1.channel(0, "shm"))
+        other.start()
+        ch = ep0.channel(1, "shm")
+        other.join()
+        src = ep0.alloc(64)
+        monkeypatch.setenv("LAMINA_NET_DEVICE_RING_SLOTS", "not-a-number")
+        with pytest.raises(ln.UsageError, match="LAMINA_NET_DEVICE_RING_SLOTS"):
+            ch.device([src])
+        monkeypatch.setenv("LAMINA_NET_DEVICE_RING_SLOTS", "0")
+        with pytest.raises(ln.UsageError, match="LAMINA_NET_DEVICE_RING_SLOTS"):
+            ch.device([src])
+        monkeypatch.setenv("LAMINA_NET_DEVICE_RING_SLOTS", "8")
+        with ch.device([src]) as dev:
+            assert dev.error is None
+        with pytest.raises(ln.UsageError, match="power of two"):
+            ch.device([src], ring_slots=0)

@@ -82,6 +82,13 @@ DeviceProxy::DeviceProxy(Endpoint& endpoint, std::shared_ptr<Channel> channel,
                          const DeviceProxyOptions& options)
     : options_(options), channel_(std::move(channel)), local_(std::move(local)), remote_(std::move(remote)) {
   if (!channel_ || channel_->closed()) throw_usage("device channel: the channel is closed");
+  if (options_.ring_slots == 0) {
+    const int64_t from_env = setting_int("DEVICE_RING_SLOTS");
+    if (from_env <= 0) {
+      throw_usage("LAMINA_NET_DEVICE_RING_SLOTS=" + std::to_string(from_env) + " must be a power of two >= 2");
+    }
+    options_.ring_slots = static_cast<uint64_t>(from_env);
+  }
   const uint64_t n = options_.ring_slots;
   if (n < 2 || (n & (n - 1)) != 0 || n > (1u << 24)) {
     throw_usage("device channel: ring_slots must be a power of two in [2, 16777216], got " + std::to_string(n));

@@ -38,7 +38,7 @@
 namespace lamina {
 
 struct DeviceProxyOptions {
-  uint64_t ring_slots = 1024;   // a power of two, >= 2
+  uint64_t ring_slots = 0;      // a power of two, >= 2; 0: LAMINA_NET_DEVICE_RING_SLOTS
   double timeout_s = -1;        // bound of device waits and of each operation; < 0: the endpoint's
   // Ring in mapped pinned host memory and producer counters in GPU memory,
   // so kernels can post; otherwise plain host memory for CPU producers.
