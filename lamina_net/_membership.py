@@ -8,8 +8,7 @@ would connect anyway. So, before an Endpoint joins:
   second claim fails with a UsageError naming the holder (host and pid),
   unless that holder is a process of this host that no longer exists (a
   rank restarted after a crash takes its place). ``close()`` releases it.
-* rank 0 records the world size (and a per-job nonce); every other rank
-  compares its own with it.
+* rank 0 records the world size; every other rank compares its own with it.
 
 Stores without ``add`` (a user's own object) skip the claim; the world-size
 check still runs.
@@ -20,9 +19,8 @@ import builtins
 import os
 import socket
 import time
-import uuid
 
-from .errors import UsageError
+from .errors import TransportError, UsageError
 
 
 def _holder_alive(holder: str) -> bool:
@@ -40,46 +38,48 @@ def _holder_alive(holder: str) -> bool:
 
 def claim_rank(store, group: str, rank: int, world_size: int, timeout: float) -> bool:
     """Claims `rank` in `group` and checks the world size; returns whether a claim is held."""
-    me = f"{socket.gethostname()}:{os.getpid()}"
     claimed = False
     if hasattr(store, "add"):
         key = f"ln/{group}/claim/{rank}"
-        count = int(store.add(key, 1))
-        if count > 1:
+        if int(store.add(key, 1)) > 1:
             try:
                 holder = store.get(key + "/holder", min(timeout, 1.0)).decode()
             except builtins.TimeoutError:
                 holder = "unknown"
-            if holder != "unknown" and not _holder_alive(holder):
-                store.add(key, -1)  # the dead holder's claim goes; ours stays
-            else:
-                store.add(key, -1)
+            # Ours is counted now; either the dead holder's claim goes, or ours does.
+            store.add(key, -1)
+            if holder == "unknown" or _holder_alive(holder):
                 raise UsageError(
                     f"rank {rank} of group {group!r} is already taken (by {holder}): another process of this "
                     "job has the same rank, or another job uses the same group name on this store (give each "
                     "job its own group)")
-        store.set(key + "/holder", me.encode())
+        store.set(key + "/holder", f"{socket.gethostname()}:{os.getpid()}".encode())
         claimed = True
     world_key = f"ln/{group}/world"
     if rank == 0:
-        store.set(world_key, f"{world_size};{uuid.uuid4().hex}".encode())
+        store.set(world_key, str(world_size).encode())
         return claimed
+    try:
+        _check_world_size(store, group, world_key, rank, world_size, timeout)
+    except BaseException:
+        if claimed:
+            release_rank(store, group, rank)
+        raise
+    return claimed
+
+
+def _check_world_size(store, group: str, world_key: str, rank: int, world_size: int, timeout: float) -> None:
     started = time.monotonic()
-    deadline = started + timeout
     while True:
+        record = store.get(world_key, max(0.001, started + timeout - time.monotonic()))
         try:
-            record = store.get(world_key, max(0.001, deadline - time.monotonic())).decode()
-        except builtins.TimeoutError:
-            if claimed:
-                release_rank(store, group, rank)
-            raise
-        theirs = int(record.split(";", 1)[0])
+            theirs = int(record)
+        except ValueError:
+            raise TransportError(f"group {group!r}: malformed world-size record {record!r} in the store") from None
         if theirs == world_size:
-            return claimed
+            return
         # A previous job's record may still be there until this job's rank 0 writes.
         if time.monotonic() - started > min(2.0, timeout):
-            if claimed:
-                release_rank(store, group, rank)
             raise UsageError(f"rank 0 of group {group!r} was started with world_size={theirs}; this rank "
                              f"(rank {rank}) with world_size={world_size}")
         time.sleep(0.02)
