@@ -8,7 +8,7 @@ SOAK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def test_soak_short_run_checks_every_message_and_stays_flat(tmp_path):
     out = tmp_path / "soak.json"
-    for transport, messages in (("shm", 3000), ("tcp", 300)):
+    for transport, messages in (("shm", 3000), ("tcp", 3000)):
         proc = subprocess.run([sys.executable, SOAK, "--messages", str(messages), "--transports", transport,
                                "--json", str(out)], capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -289,7 +289,9 @@ bool StreamConnection::try_direct_put(const LocalSlice& src, const RemoteSlice& 
 
 void StreamConnection::post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) {
   throw_if_failed();
-  if (word.target.shared_fd >= 0 && word.target.kind == MemoryKind::kHost) {
+  // Only a stream that maps the peer's memory (shm) writes directly; asking
+  // any other one whether the peer caught up would wait out its catch-up bound.
+  if (stream_->writes_directly() && word.target.shared_fd >= 0 && word.target.kind == MemoryKind::kHost) {
     std::lock_guard<std::mutex> lock(tx_mutex_);
     throw_if_failed();
     uint64_t old = 0;
