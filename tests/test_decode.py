@@ -14,7 +14,7 @@ import functools  # noqa: E402
 
 from lamina_net.decode.attention_shard import AttentionServer, MicroBatchKVCache  # noqa: E402
 from lamina_net.decode.converter import (CONTEXT_KWARG, ConversionError, PassThroughCache,  # noqa: E402
-                                         offload_attention, restore_attention)
+                                         cache_kwargs, offload_attention, restore_attention)
 from lamina_net.decode.link import LoopbackLink  # noqa: E402
 from lamina_net.decode.model_worker import ModelWorker  # noqa: E402
 from lamina_net.decode.models import random_model, random_prompts, reference_generate, tiny_config  # noqa: E402
@@ -143,8 +143,8 @@ def test_hook_receives_only_new_tokens_and_rotated_q():
 
     cache = PassThroughCache(geometry.num_layers)
     with torch.inference_mode():
-        model(torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True, **{CONTEXT_KWARG: Recorder()})
-        model(torch.tensor([[8]]), past_key_values=cache, use_cache=True, **{CONTEXT_KWARG: Recorder()})
+        model(torch.tensor([[5, 6, 7]]), use_cache=True, **cache_kwargs(model, cache), **{CONTEXT_KWARG: Recorder()})
+        model(torch.tensor([[8]]), use_cache=True, **cache_kwargs(model, cache), **{CONTEXT_KWARG: Recorder()})
     assert cache.get_seq_length() == 4
     assert [s[0] for s in seen] == [0, 1, 2, 0, 1, 2]
     assert seen[0][1:3] == ((1, 8, 3, 8), (1, 2, 3, 8)) and seen[3][1:3] == ((1, 8, 1, 8), (1, 2, 1, 8))
@@ -156,7 +156,33 @@ def test_converted_model_without_a_target_says_how_to_run_it():
     model = tiny_model("llama-mha")
     offload_attention(model)
     with pytest.raises(ConversionError, match="ModelWorker"):
-        model(torch.tensor([[5, 6]]), past_key_values=PassThroughCache(2), use_cache=True)
+        model(torch.tensor([[5, 6]]), use_cache=True, **cache_kwargs(model, PassThroughCache(2)))
+
+
+def test_installed_transformers_is_in_the_supported_range_declared_by_the_extra():
+    from lamina_net.decode import converter
+
+    tomllib = pytest.importorskip("tomllib")
+    import os
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["decode"]
+    assert f"transformers{converter.SUPPORTED_TRANSFORMERS}" in extra
+    assert converter.transformers_supported(), converter.TRANSFORMERS_VERSION
+    assert converter.transformers_supported("4.57.6") and converter.transformers_supported("5.24.0")
+    assert not converter.transformers_supported("4.56.2") and not converter.transformers_supported("5.25.0")
+
+
+def test_transformers_outside_the_range_is_refused_naming_the_range(monkeypatch):
+    from lamina_net.decode import converter
+
+    model = tiny_model("llama-mha")
+    monkeypatch.setattr(converter, "TRANSFORMERS_VERSION", "4.50.0")
+    with pytest.raises(ConversionError, match=r"tested with transformers >=4\.57\.6,<5\.25; this is transformers "
+                                              r"4\.50\.0"):
+        offload_attention(model)
+    assert offload_attention(model, allow_untested=True).num_layers == 2
+    restore_attention(model)
 
 
 def test_untested_family_is_refused_unless_allowed():
@@ -165,8 +191,9 @@ def test_untested_family_is_refused_unless_allowed():
     config = AutoConfig.for_model("gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=128)
     model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ConversionError, match="not among the tested"):
+    with pytest.raises(ConversionError, match="not among the tested") as refusal:
         offload_attention(model)
+    assert "transformers >=4.57.6,<5.25" in str(refusal.value)
 
 
 def test_wire_bytes_match_the_paper_formula():

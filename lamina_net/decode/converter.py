@@ -32,7 +32,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import transformers
+from packaging.specifiers import SpecifierSet  # packaging: a dependency of transformers
+from packaging.version import Version
 from transformers import AttentionInterface, Cache, PreTrainedModel
+
+# The transformers releases the decode tests run on (scripts/test_decode_versions.sh runs
+# them on both ends); pyproject's `decode` extra declares the same range (a test checks).
+SUPPORTED_TRANSFORMERS = ">=4.57.6,<5.25"
+TRANSFORMERS_VERSION = transformers.__version__
+_MAJOR = Version(TRANSFORMERS_VERSION).major
 
 ATTN_IMPLEMENTATION = "lamina_offload"
 CONTEXT_KWARG = "lamina_offload_context"
@@ -139,7 +148,8 @@ class PassThroughCache(Cache):
         self.num_layers = num_layers
         self.seen_tokens = 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, cache_kwargs=None):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # 4.x passes ``cache_kwargs`` (positionally or by name), 5.x ``kwargs=``: neither is used here.
         if layer_idx == 0:
             self.seen_tokens += key_states.shape[-2]
         return key_states, value_states
@@ -147,14 +157,19 @@ class PassThroughCache(Cache):
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seen_tokens
 
-    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
-        return self.seen_tokens + cache_position.shape[0], 0
+    def get_mask_sizes(self, query, layer_idx: int = 0) -> tuple[int, int]:
+        # 4.x passes ``cache_position`` (a tensor), 5.x the query length (an int).
+        length = query if isinstance(query, int) else query.shape[0]
+        return self.seen_tokens + length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1  # grows without bound (older transformers: None)
 
-    def get_max_length(self):
-        return None
+    def get_max_length(self, layer_idx: int | None = None):
+        return -1 if _MAJOR >= 5 else None  # 5.x: -1 means unbounded
 
     @property
     def is_compileable(self) -> bool:
@@ -164,21 +179,31 @@ class PassThroughCache(Cache):
         return self.num_layers
 
 
+def transformers_supported(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed one) lies in :data:`SUPPORTED_TRANSFORMERS`."""
+    return SpecifierSet(SUPPORTED_TRANSFORMERS).contains(Version(version or TRANSFORMERS_VERSION), prereleases=True)
+
+
+def _refuse(reason: str) -> ConversionError:
+    return ConversionError(f"{reason} (lamina-net's decode pipeline is tested with transformers "
+                           f"{SUPPORTED_TRANSFORMERS}; this is transformers {TRANSFORMERS_VERSION})")
+
+
 def check_convertible(model: PreTrainedModel, allow_untested: bool = False) -> ModelGeometry:
-    """Refuse models the converter cannot run exactly, with a reason."""
+    """Refuse models the converter cannot run exactly, with a reason that names the supported range."""
     config = model.config
+    if not transformers_supported() and not allow_untested:
+        raise _refuse("this transformers release is outside the tested range; pass allow_untested=True to try it")
     if getattr(config, "is_encoder_decoder", False):
-        raise ConversionError("encoder-decoder models are not supported; use a decoder-only causal LM")
+        raise _refuse("encoder-decoder models are not supported; use a decoder-only causal LM")
     if not getattr(model, "_supports_attention_backend", False):
-        raise ConversionError(
-            f"{type(model).__name__} does not route attention through transformers' AttentionInterface")
+        raise _refuse(f"{type(model).__name__} does not route attention through transformers' AttentionInterface")
     if config.model_type not in TESTED_MODEL_TYPES and not allow_untested:
-        raise ConversionError(
-            f"model type {config.model_type!r} is not among the tested families {TESTED_MODEL_TYPES}; "
-            f"pass allow_untested=True to try it")
+        raise _refuse(f"model type {config.model_type!r} is not among the tested families {TESTED_MODEL_TYPES}; "
+                      f"pass allow_untested=True to try it")
     geometry = model_geometry(model)
     if geometry.num_q_heads % geometry.num_kv_heads:
-        raise ConversionError(f"{geometry.num_q_heads} query heads is not a multiple of {geometry.num_kv_heads} KV heads")
+        raise _refuse(f"{geometry.num_q_heads} query heads is not a multiple of {geometry.num_kv_heads} KV heads")
     return geometry
 
 
@@ -205,6 +230,13 @@ def _set_attn_implementation(model: PreTrainedModel, implementation: str) -> Non
     # Older releases (and sub-configs) read the private field directly.
     for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
         config._attn_implementation = implementation
+
+
+def cache_kwargs(model: PreTrainedModel, cache: Cache) -> dict:
+    """The forward keyword that passes ``cache``: ``cache`` from 5.x on (``past_key_values`` is deprecated), else
+    ``past_key_values``."""
+    parameters = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in parameters else {"past_key_values": cache}
 
 
 def forward_kwargs(model: PreTrainedModel) -> dict:

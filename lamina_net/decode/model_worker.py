@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .converter import CONTEXT_KWARG, ModelGeometry, PassThroughCache, forward_kwargs, offload_attention
+from .converter import (CONTEXT_KWARG, ModelGeometry, PassThroughCache, cache_kwargs, forward_kwargs,
+                        offload_attention)
 from .link import Link, PipelineError, WorkerFailure
 from .partition import HeadPartition, partition_heads
 from .protocol import DTYPE_CODES, FLAG_HAS_MASK, FLAG_RESET, HEADER_BYTES, STATS_FIELDS, Kind, float_bits
@@ -368,7 +369,7 @@ class ModelWorker:
         """Greedy loop mirroring ``generate``: positions from the mask, pad after EOS, stop when all finished."""
         batch = input_ids.shape[0]
         cache = PassThroughCache(self.geometry.num_layers)
-        extra = forward_kwargs(self.model)
+        extra = {**forward_kwargs(self.model), **cache_kwargs(self.model, cache)}
         eos = torch.tensor(_eos_ids(self.model), dtype=torch.long, device=self.device)
         pad = pad_token_id(self.model)
         mask = attention_mask.long()
@@ -381,7 +382,7 @@ class ModelWorker:
             runner.decoding = step > 0
             runner.begin(batch, step_ids.shape[1], mask.bool() if step == 0 else None, reset=step == 0)
             logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
-                                past_key_values=cache, use_cache=True, **extra, **{CONTEXT_KWARG: runner}).logits
+                                use_cache=True, **extra, **{CONTEXT_KWARG: runner}).logits
             next_tokens = logits[:, -1, :].argmax(dim=-1)
             if eos.numel():
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
