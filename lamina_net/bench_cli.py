@@ -18,9 +18,11 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_SIZES = [8, 64, 512, 4096, 32768, 65536, 262144, 1048576]
@@ -185,9 +187,21 @@ def _run_pair(target, args_of_rank, what: str, wait_s: float) -> list[dict]:
     for p in procs:
         p.start()
     results = []
+    deadline = time.monotonic() + wait_s
     try:
-        for _ in procs:
-            results.append(queue.get(timeout=wait_s))
+        while len(results) < len(procs):
+            try:
+                results.append(queue.get(timeout=0.5))
+                continue
+            except queue_mod.Empty:
+                pass
+            # A rank that died (a crash, a kill) never reports: say so now, not after wait_s.
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"{what} failed: " + "; ".join(f"rank {r} exited with status {code}"
+                                                                   for r, code in dead))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} failed: no result within {wait_s:.0f} s")
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -108,3 +108,58 @@ def idle_strangers_then_connect(rank, world, store, strangers):
         for s in held:
             s.close()
         return elapsed, ok
+
+
+# The shm segment's layout (csrc/transports/shm/shm_transport.cpp): a 128-byte
+# header, then RingControl ring[2] of 256 bytes each (head at +0, tail at +64);
+# ring[s] carries frames from side s (rank 0 here) to side 1-s.
+RING_OFFSET, RING_BYTES, HEAD, TAIL = 128, 256, 0, 64
+
+
+def _segment_address() -> int:
+    with open("/proc/self/maps") as f:
+        hits = [line for line in f if "/lamina-net-" in line and "(deleted)" in line]
+    assert len(hits) == 1, hits
+    return int(hits[0].split("-")[0], 16)
+
+
+def corrupted_ring(rank, world, store, index):
+    """Rank 1, a hostile peer on the same host, writes a wild ring index into the
+    segment both ranks map: `head` of the ring it writes (rank 0 would read past the
+    ring) or `tail` of the ring it reads (rank 0 would write past it). Rank 0 must
+    fail the channel with a clear error, stay alive, and connect again."""
+    import ctypes
+
+    peer = 1 - rank
+    with ln.Endpoint(rank, world, store, group="shm-ring", timeout=20) as ep:
+        word = ep.alloc(1, np.uint64, ln.Access.REMOTE_ATOMIC)
+        ep.publish("word", word)
+        ch = ep.channel(peer, "shm")
+        remote = ep.lookup(peer, "word")
+        ch.atomic_add(remote, 0, 1)  # one frame each way: both sides attached and running
+        word.wait(0, 1, timeout=10, channel=ch)
+        ep.barrier("attached")
+        if rank == 1:
+            base = _segment_address()
+            ring = 1 if index == "head" else 0
+            at = base + RING_OFFSET + ring * RING_BYTES + (HEAD if index == "head" else TAIL)
+            ctypes.c_uint64.from_address(at).value += 1 << 40
+            if index == "head":  # wake the reader, as a writer does (any frame will do)
+                try:
+                    ch.atomic_add(remote, 0, 1)
+                except ln.TransportError:
+                    pass
+            ep.barrier("corrupted")
+            ep.barrier("checked")
+            return None
+        ep.barrier("corrupted")
+        outcome = "accepted"
+        try:
+            for _ in range(4):
+                ch.atomic_add(remote, 0, 1)  # a frame to write into the ring whose tail is wild
+                ch.flush(timeout=5)
+            word.wait(0, 2, timeout=5, channel=ch)  # the frame read through the wild head
+        except (ln.TransportError, ln.TimeoutError) as e:
+            outcome = f"{type(e).__name__}: {e}"
+        ep.barrier("checked")
+        return outcome

@@ -25,3 +25,13 @@ def test_idle_and_half_hello_clients_do_not_delay_a_tcp_channel():
         assert ok, f"rank {rank}: the put did not arrive"
         # One stranger used to hold the accept thread for the whole 5 s hello bound.
         assert elapsed < 3.0, f"rank {rank}: channel setup took {elapsed:.1f} s behind idle clients"
+
+
+@pytest.mark.parametrize("index", ["head", "tail"])
+def test_shm_peer_that_corrupts_a_ring_index_fails_the_channel_not_the_process(index):
+    """A same-host peer can write the rings' shared indices; each side keeps its own
+    copy and checks the peer's, so a wild index is an error, not a copy off the ring."""
+    from _trust_workers import corrupted_ring
+
+    values = assert_all_ok(run_ranks(corrupted_ring, args=(index,), timeout=90))
+    assert "corrupted its ring" in values[0], values[0]

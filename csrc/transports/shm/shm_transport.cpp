@@ -115,10 +115,13 @@ int pidfd_open_compat(int pid) {
 
 class ShmStream : public ByteStream {
  public:
-  ShmStream(std::shared_ptr<Mapping> mapping, int side, int peer_pid, uint64_t peer_probe, uint64_t pull_min)
+  // `ring_bytes` is this side's own copy (the creator's setting, or the size
+  // the attacher checked against the segment): the header is peer-writable.
+  ShmStream(std::shared_ptr<Mapping> mapping, int side, uint64_t ring_bytes, int peer_pid, uint64_t peer_probe,
+            uint64_t pull_min)
       : mapping_(std::move(mapping)), side_(side), peer_pid_(peer_pid) {
     header_ = reinterpret_cast<SegmentHeader*>(mapping_->data());
-    capacity_ = header_->ring_bytes;
+    capacity_ = ring_bytes;
     tx_ = &header_->ring[side];
     rx_ = &header_->ring[1 - side];
     tx_data_ = mapping_->data() + kHeaderBytes + static_cast<size_t>(side) * capacity_;
@@ -148,10 +151,18 @@ class ShmStream : public ByteStream {
     if (pidfd_ >= 0) ::close(pidfd_);
   }
 
+  // Each side trusts only its own index (rx_tail_, tx_head_, kept here; the
+  // shared copies are for the peer) and checks the peer's: a head more than a
+  // ring ahead, or a tail past what was written, would make the copy run off
+  // the ring. That is a corrupt or hostile peer: the connection fails.
   size_t read_some(void* buf, size_t max, bool* eof) override {
-    uint64_t tail = rx_->tail.load(std::memory_order_relaxed);
+    const uint64_t tail = rx_tail_;
     uint64_t head = rx_->head.load(std::memory_order_acquire);
     uint64_t avail = head - tail;
+    if (avail > capacity_) {
+      throw_system("shm peer corrupted its ring: " + std::to_string(avail) + " bytes announced in a ring of " +
+                   std::to_string(capacity_));
+    }
     if (avail == 0) {
       if (rx_->writer_closed.load(std::memory_order_acquire) && rx_->head.load(std::memory_order_acquire) == tail) {
         *eof = true;
@@ -160,7 +171,8 @@ class ShmStream : public ByteStream {
     }
     size_t n = static_cast<size_t>(std::min<uint64_t>(avail, max));
     copy_out(static_cast<char*>(buf), tail, n);
-    rx_->tail.store(tail + n, std::memory_order_release);
+    rx_tail_ = tail + n;
+    rx_->tail.store(rx_tail_, std::memory_order_release);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (rx_->writer_sleeping.load(std::memory_order_relaxed)) {
       rx_->space_seq.fetch_add(1, std::memory_order_release);
@@ -170,8 +182,12 @@ class ShmStream : public ByteStream {
   }
 
   size_t write_some(const struct iovec* iov, int iovcnt) override {
-    uint64_t head = tx_->head.load(std::memory_order_relaxed);
+    const uint64_t head = tx_head_;
     uint64_t tail = tx_->tail.load(std::memory_order_acquire);
+    if (head - tail > capacity_) {
+      throw_system("shm peer corrupted its ring: consumed up to " + std::to_string(tail) + " of " +
+                   std::to_string(head) + " bytes written");
+    }
     uint64_t space = capacity_ - (head - tail);
     size_t written = 0;
     for (int i = 0; i < iovcnt && space > 0; ++i) {
@@ -182,7 +198,8 @@ class ShmStream : public ByteStream {
       if (n < iov[i].iov_len) break;
     }
     if (written == 0) return 0;
-    tx_->head.store(head + written, std::memory_order_release);
+    tx_head_ = head + written;
+    tx_->head.store(tx_head_, std::memory_order_release);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (tx_->reader_sleeping.load(std::memory_order_relaxed)) {
       tx_->data_seq.fetch_add(1, std::memory_order_release);
@@ -195,7 +212,7 @@ class ShmStream : public ByteStream {
     uint32_t seq = rx_->data_seq.load(std::memory_order_acquire);
     rx_->reader_sleeping.fetch_add(1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    bool ready = rx_->head.load(std::memory_order_acquire) != rx_->tail.load(std::memory_order_relaxed) ||
+    bool ready = rx_->head.load(std::memory_order_acquire) != rx_tail_ ||
                  rx_->writer_closed.load(std::memory_order_acquire) || (ready_check && (*ready_check)());
     if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&rx_->data_seq), seq, timeout_ms, true);
     rx_->reader_sleeping.fetch_sub(1, std::memory_order_relaxed);
@@ -205,7 +222,8 @@ class ShmStream : public ByteStream {
     uint32_t seq = tx_->space_seq.load(std::memory_order_acquire);
     tx_->writer_sleeping.fetch_add(1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    bool ready = tx_->head.load(std::memory_order_relaxed) - tx_->tail.load(std::memory_order_acquire) < capacity_;
+    // A corrupt tail reads as ready: the write then finds and reports it.
+    bool ready = tx_head_ - tx_->tail.load(std::memory_order_acquire) != capacity_;
     if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&tx_->space_seq), seq, timeout_ms, true);
     tx_->writer_sleeping.fetch_sub(1, std::memory_order_relaxed);
   }
@@ -339,6 +357,8 @@ class ShmStream : public ByteStream {
   int peer_pid_;
   int pidfd_ = -1;
   uint64_t capacity_;
+  uint64_t rx_tail_ = 0;  // bytes consumed from rx (ours alone)
+  uint64_t tx_head_ = 0;  // bytes written to tx (ours alone)
   uint64_t pull_min_ = UINT64_MAX;
   RingControl* tx_;
   RingControl* rx_;
@@ -401,8 +421,9 @@ class ShmTransport : public Transport {
     const std::string key = params.key_prefix + "/segment";
     std::shared_ptr<Mapping> mapping;
     SegmentHeader* header = nullptr;
+    uint64_t ring_bytes = 0;
     if (side == 0) {
-      uint64_t ring_bytes = round_up_pow2(static_cast<uint64_t>(setting_int("SHM_RING_BYTES")));
+      ring_bytes = round_up_pow2(static_cast<uint64_t>(setting_int("SHM_RING_BYTES")));
       size_t total = kHeaderBytes + 2 * ring_bytes;
       std::string name = random_segment_name();
       int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
@@ -469,7 +490,9 @@ class ShmTransport : public Transport {
       if (addr == MAP_FAILED) throw_errno("shm transport: mmap", errno);
       mapping = std::make_shared<Mapping>(addr, total);
       header = reinterpret_cast<SegmentHeader*>(addr);
-      if (header->magic != kSegmentMagic || kHeaderBytes + 2 * header->ring_bytes != total) {
+      ring_bytes = header->ring_bytes;  // read once: the creator may not change it under us
+      if (header->magic != kSegmentMagic || ring_bytes == 0 || (ring_bytes & (ring_bytes - 1)) != 0 ||
+          kHeaderBytes + 2 * ring_bytes != total) {
         throw_system("shm segment " + name + " is not a lamina-net channel");
       }
       header->board_fd[1].store(board_ ? board_->fd() : -1);
@@ -485,7 +508,7 @@ class ShmTransport : public Transport {
       std::lock_guard<std::mutex> lock(segments_mutex_);
       segments_.emplace_back(mapping, side);
     }
-    auto stream = std::make_unique<ShmStream>(std::move(mapping), side, peer_pid, peer_probe, pull_min);
+    auto stream = std::make_unique<ShmStream>(std::move(mapping), side, ring_bytes, peer_pid, peer_probe, pull_min);
     auto conn = std::make_unique<StreamConnection>("shm", params.peer_rank, std::move(stream), params.regions,
                                                    params.on_inbound);
     conn->start();
