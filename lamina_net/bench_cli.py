@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lat.add_argument("--iterations", type=int, default=0, help="measured round trips per size (default: by size)")
     lat.add_argument("--warmup", type=int, default=50, help="unmeasured round trips per size")
     lat.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    lat.add_argument("--plot", metavar="PATH.png", help="plot p50 latency against size, log-log (needs matplotlib)")
     lat.add_argument("--no-reference", action="store_true", help="skip the plain C reference ping-pongs")
     lat.add_argument("--baseline", default="auto",
                      help="torch.distributed baseline measured alongside: gloo, nccl (needs 2 GPUs), none, or "
@@ -72,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rate.add_argument("--world-size", type=int, default=2)
     rate.add_argument("--store", help="host:port of the store (rank 0 hosts it)")
     rate.add_argument("--timeout", type=float, default=60.0, help="bound in seconds for each wait")
+
+    from . import bench_exchange, bench_report  # exchange; compare and table of saved runs
+    bench_exchange.add_arguments(sub)
+    bench_report.add_arguments(sub)
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -179,11 +184,11 @@ def _rank_main(queue, *args) -> None:
     _report(queue, run_rank, args)
 
 
-def _run_pair(target, args_of_rank, what: str, wait_s: float) -> list[dict]:
-    """Runs target(queue, *args_of_rank(rank)) for ranks 0 and 1 as spawned processes; rank 0's records."""
+def _run_pair(target, args_of_rank, what: str, wait_s: float, nranks: int = 2) -> list[dict]:
+    """Runs target(queue, *args_of_rank(rank)) for ranks 0..nranks-1 as spawned processes; rank 0's records."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(queue, *args_of_rank(r))) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(queue, *args_of_rank(r))) for r in range(nranks)]
     for p in procs:
         p.start()
     results = []
@@ -390,6 +395,10 @@ def print_table(records: list[dict], file=sys.stdout) -> None:
 def run(args) -> int:
     if args.bench == "rate":
         return run_rate(args)
+    if args.bench in ("exchange", "compare", "table"):
+        from . import bench_exchange, bench_report
+        return {"exchange": bench_exchange.run_exchange, "compare": bench_report.run_compare,
+                "table": bench_report.run_table}[args.bench](args)
     return run_latency(args)
 
 
@@ -409,6 +418,8 @@ def run_latency(args) -> int:
     for t in wanted:
         if t not in ("tcp", "shm", "verbs"):
             raise SystemExit(f"lamina-net bench: unknown transport {t!r}")
+    from .bench_report import progress
+    bar = progress(0, "bench latency")  # a cross-host rank shows none
     if args.rank is not None:
         if not args.store:
             raise SystemExit("lamina-net bench: --rank needs --store host:port")
@@ -420,8 +431,12 @@ def run_latency(args) -> int:
             return 0
     else:
         records = []
+        baselines = _baselines(args.baseline)
+        # One step per transport, the references and each baseline (each a sweep over the sizes).
+        bar = progress(len(wanted) + (not args.no_reference) + len(baselines), "bench latency")
         for t in wanted:
             records += run_local_pair(t, args.op, sizes, args.iterations, args.warmup, args.timeout, paths)
+            bar.update()
     if not args.no_reference:
         memcpy = run_memcpy_reference(sizes, args.iterations, args.warmup)
         refs = {t: run_reference(t, sizes, args.iterations, args.warmup) for t in wanted if t in ("tcp", "shm")}
@@ -439,6 +454,7 @@ def run_latency(args) -> int:
             if r["transport"] == "shm" and r["size_bytes"] in memcpy:
                 r["memcpy_us"] = memcpy[r["size_bytes"]]
                 r["ratio_vs_memcpy"] = r["p50_us"] / memcpy[r["size_bytes"]] if memcpy[r["size_bytes"]] > 0 else None
+        bar.update()
     baselines = _baselines(args.baseline) if args.rank is None else []
     for backend in baselines:
         base = run_torch_baseline(backend, sizes, args.iterations, args.warmup, args.timeout)
@@ -449,9 +465,11 @@ def run_latency(args) -> int:
                 r[f"{backend}_p50_us"] = b["p50_us"]
                 r[f"ratio_vs_{backend}"] = r["p50_us"] / b["p50_us"] if b["p50_us"] > 0 else None
         records += base
+        bar.update()
+    bar.close()
     print_table(records)
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2))
+    from .bench_report import emit
+    emit(records, args, "latency")
     return 0
 
 
