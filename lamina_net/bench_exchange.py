@@ -88,7 +88,7 @@ def _summary(values_ns: list[int]) -> dict:
     from .bench_cli import _percentile
 
     values = sorted(v / 1e3 for v in values_ns)
-    return {"p50": _percentile(values, 0.5), "p99": _percentile(values, 0.99),
+    return {"p50": _percentile(values, 0.5), "p99": _percentile(values, 0.99), "min": values[0],
             "mean": sum(values) / len(values), "n": len(values)}
 
 
