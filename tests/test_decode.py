@@ -221,6 +221,19 @@ def test_loopback_matches_monolithic_generate(name, workers, micro_batches):
     assert stats.bytes_per_token_per_layer == worker.geometry.wire_bytes_per_token_per_layer()
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_loopback_stats_split_compute_network_and_token_intervals(micro_batches):
+    tokens, worker = _loopback_generate("llama-gqa", 2, micro_batches, new_tokens=5)
+    stats = worker.last_stats
+    steps = tokens.shape[1] - 1
+    assert len(stats.token_intervals) == steps * micro_batches and min(stats.token_intervals) > 0
+    assert stats.decode_layer_calls == steps * micro_batches * worker.geometry.num_layers
+    assert stats.compute_per_layer > 0
+    # In-process: the request is in the server's hands as soon as it is posted, so the legs are tiny.
+    assert stats.decode_requests == 2 * stats.decode_layer_calls
+    assert 0 <= stats.request_leg < stats.round_trip_per_layer
+
+
 def test_micro_batches_interleave_layer_by_layer():
     model = tiny_model("llama-gqa")
     input_ids, attention_mask = ragged_prompts()

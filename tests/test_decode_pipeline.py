@@ -22,7 +22,6 @@ from lamina_net.decode.link import PipelineError  # noqa: E402
 from lamina_net.decode.model_worker import ModelWorker  # noqa: E402
 from lamina_net.decode.pipeline import LocalCluster, run_local_pipeline  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 30.0
 
 
@@ -103,11 +102,14 @@ def test_hung_attention_worker_times_out_within_the_timeout():
 
 
 def _cli(*flags, timeout=240):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    # Run where this test's lamina_net was imported from (the editable checkout or an installed copy), from
+    # that package's parent directory: `python -m` puts the working directory first on sys.path.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(lamina_net.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
     return subprocess.run([sys.executable, "-m", "lamina_net", "decode", "--hidden-size", "64", "--layers", "2",
                            "--heads", "4", "--kv-heads", "2", "--vocab-size", "256", "--batch", "3",
                            "--prompt-len", "8", "--new-tokens", "8", *flags],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+                          capture_output=True, text=True, timeout=timeout, cwd=package_root, env=env)
 
 
 def test_cli_check_passes_and_reports_measurements():
@@ -119,6 +121,35 @@ def test_cli_check_passes_and_reports_measurements():
     assert report["transport"] == "tcp"
     assert report["bytes_per_token_per_layer"] == report["formula_bytes_per_token_per_layer"] == 768
     assert report["tokens_per_second"] > 0 and report["attention_per_layer_s"] > 0
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_cli_json_file_has_offloaded_and_monolithic_measurements(tmp_path, micro_batches):
+    path = tmp_path / "decode.json"
+    done = _cli("--micro-batches", str(micro_batches), "--attention-workers", "2", "--transport", "shm",
+                "--json", str(path))
+    assert done.returncode == 0, done.stderr
+    assert f"measurements written to {path}" in done.stdout
+    report = json.loads(path.read_text())
+    assert report["check"] is None and report["cpu_count"] == os.cpu_count()
+    offloaded, monolithic = report["offloaded"], report["monolithic"]
+    # batch 3, 8 new tokens, no EOS in the tiny config: 7 decode steps per micro-batch.
+    assert offloaded["time_between_tokens_s"]["samples"] == 7 * micro_batches
+    assert monolithic["time_between_tokens_s"]["samples"] == 7
+    for section in (offloaded, monolithic):
+        assert section["tokens_per_second"] > 0 and section["decode_tokens_per_second"] > 0
+        tbt = section["time_between_tokens_s"]
+        assert 0 < tbt["p50"] <= tbt["p99"]
+        assert section["per_layer_s"]["compute"] > 0
+    layer = offloaded["per_layer_s"]
+    assert monolithic["per_layer_s"]["network"] == 0.0
+    assert layer["network"] >= layer["network_request"] > 0  # local workers share this host's clock
+    assert layer["compute"] == pytest.approx(layer["model_compute"] + layer["attention_compute"])
+    assert offloaded["network_samples"]["requests"] == 7 * micro_batches * 2 * 2  # steps x n x layers x workers
+    if micro_batches == 1:  # nothing to compute meanwhile: replies are waited for, and the legs fit the round trip
+        assert 0 < offloaded["network_samples"]["replies"] <= offloaded["network_samples"]["requests"]
+        assert layer["network_reply"] > 0
+        assert layer["network"] + layer["attention_compute"] <= layer["round_trip"] * 1.05
 
 
 def test_cli_reports_a_dead_worker_and_exits_nonzero():

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .protocol import (DTYPE_NAMES, FLAG_HAS_MASK, FLAG_RESET, HEADER_BYTES, HEADER_FIELDS, Kind,
+from .protocol import (DTYPE_NAMES, FLAG_HAS_MASK, FLAG_RESET, HEADER_BYTES, HEADER_FIELDS, TRAILER_BYTES, Kind,
                        ProtocolError, bits_float)
 
 
@@ -140,7 +140,9 @@ class AttentionServer:
         self.idle_seconds = 0.0
         self.stopped = False
 
-    def handle(self, message: torch.Tensor) -> torch.Tensor | None:
+    def handle(self, message: torch.Tensor, received_at: float | None = None) -> torch.Tensor | None:
+        """``received_at``: when the message was in hand (``time.perf_counter``), for the LAYER reply's trailer."""
+        received_at = time.perf_counter() if received_at is None else received_at
         if message.numel() < HEADER_BYTES:
             raise ProtocolError(f"message of {message.numel()} bytes is shorter than the header")
         header = [int(x) for x in message[:HEADER_BYTES].view(torch.int64).tolist()]
@@ -163,7 +165,12 @@ class AttentionServer:
             self._begin(header, payload)
             return None
         if kind == Kind.LAYER:
-            return self._layer(header, payload)
+            out = self._layer(header, payload)
+            reply = torch.empty(out.numel() * out.element_size() + TRAILER_BYTES, dtype=torch.uint8)
+            reply[:-TRAILER_BYTES].view(out.dtype).copy_(out.reshape(-1))
+            reply[-TRAILER_BYTES:].view(torch.float64).copy_(
+                torch.tensor([received_at, time.perf_counter()], dtype=torch.float64))
+            return reply
         raise ProtocolError(f"unknown message kind {kind}")
 
     def _setup(self, header: list[int]) -> None:

@@ -35,8 +35,9 @@ def serve(link: Link, device: str = "cpu", idle_timeout: float | None = None,
     while not server.stopped:
         waiting_since = time.perf_counter()
         nbytes = link.recv(buffer, timeout=idle_timeout)
-        server.idle_seconds += time.perf_counter() - waiting_since
-        reply = server.handle(buffer[:nbytes])
+        received_at = time.perf_counter()
+        server.idle_seconds += received_at - waiting_since
+        reply = server.handle(buffer[:nbytes], received_at)
         if reply is not None:
             link.send(reply.contiguous())
         if server.configured and buffer.numel() < HEADER_BYTES + server.max_payload:

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # == models.FAMILIES (kept here: no torch import)
 
@@ -51,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pipe.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (model and attention workers)")
     pipe.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent worker is an error")
     pipe.add_argument("--worker-threads", type=int, default=1, help="torch threads per local attention worker")
-    pipe.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
+    pipe.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                      help="write the measurements (offloaded and monolithic, same run) as one JSON object to PATH; "
+                           "no PATH or '-': print it instead of the text report")
 
     dist = parser.add_argument_group("multi-host (default: torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")
     dist.add_argument("--rank", type=int, default=None)
@@ -138,7 +139,7 @@ def _run(args) -> int:
     from .converter import ConversionError, model_geometry
     from .link import PipelineError
     from .model_worker import pad_token_id
-    from .models import random_prompts, reference_generate
+    from .models import random_prompts, reference_generate, timed_reference_generate
     from .partition import HeadSplitError, partition_heads
 
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -164,12 +165,10 @@ def _run(args) -> int:
                                                args.seed + 1, pad_token_id(model))
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
-    reference = reference_seconds = None
-    if args.check:
+    monolithic = None
+    if args.check or args.json is not None:
         reference_generate(model, input_ids, attention_mask, 1)  # warm-up, so the timing below is fair
-        started = time.perf_counter()
-        reference = reference_generate(model, input_ids, attention_mask, args.new_tokens)
-        reference_seconds = time.perf_counter() - started
+        monolithic = timed_reference_generate(model, input_ids, attention_mask, args.new_tokens)
     try:
         if role is None:
             from .pipeline import run_local_pipeline
@@ -188,11 +187,11 @@ def _run(args) -> int:
         return 1
 
     mismatches = None
-    if reference is not None:
+    if args.check:
+        reference = monolithic.tokens
         width = max(reference.shape[1], result.tokens.shape[1])
         mismatches = int((_pad_to(reference, width) != _pad_to(result.tokens, width)).sum())
-    monolithic_rate = reference.numel() / reference_seconds if reference is not None else None
-    _report(args, geometry, partition, device, result, mismatches, monolithic_rate)
+    _report(args, geometry, partition, device, result, mismatches, monolithic)
     return 1 if mismatches else 0
 
 
@@ -216,7 +215,9 @@ def _run_distributed_model_worker(args, model, input_ids, attention_mask, world_
             links = [ChannelLink(endpoint.channel(rank, transport=args.transport),
                                  f"attention worker {rank - 1} (rank {rank})", args.timeout)
                      for rank in range(1, world_size)]
-            worker = ModelWorker(model, links, args.micro_batches, args.timeout)
+            # Timestamps of workers on other hosts are not comparable with ours: no network split then.
+            same_host = all(endpoint.choose_transport(rank)[0] == "shm" for rank in range(1, world_size))
+            worker = ModelWorker(model, links, args.micro_batches, args.timeout, shared_clock=same_host)
             try:
                 tokens = worker.generate(input_ids, attention_mask, args.new_tokens)
                 return PipelineResult(tokens, worker.last_stats, worker.worker_stats(), links[0].channel.transport)
@@ -226,9 +227,51 @@ def _run_distributed_model_worker(args, model, input_ids, attention_mask, world_
         raise PipelineError(f"{type(failure).__name__}: {failure}") from failure
 
 
-def _report(args, geometry, partition, device, result, mismatches, monolithic_rate) -> None:
+def _percentiles(samples: list[float]) -> dict:
+    import numpy as np
+
+    if not samples:
+        return {"p50": None, "p99": None, "samples": 0}
+    p50, p99 = np.percentile(np.asarray(samples), [50, 99]).tolist()
+    return {"p50": p50, "p99": p99, "samples": len(samples)}
+
+
+def measurements(stats, workers, monolithic) -> dict:
+    """The ``offloaded`` / ``monolithic`` sections of the JSON report (seconds; per layer = per decode
+    (micro-batch, layer) exchange for the pipeline, per decode step and layer for the monolithic model)."""
+    attention = max((w.decode_attention_per_layer for w in workers), default=0.0)
+    network = stats.network_per_layer
+    offloaded = {
+        "tokens_per_second": stats.tokens_per_second,
+        "decode_tokens_per_second": stats.decode_tokens_per_second,
+        "time_between_tokens_s": _percentiles(stats.token_intervals),
+        "per_layer_s": {
+            "network": network,  # request leg + reply leg of one message; None across hosts
+            "network_request": stats.request_leg,
+            "network_reply": stats.reply_leg,  # None: every reply arrived while another micro-batch computed
+            "compute": stats.compute_per_layer + attention,
+            "model_compute": stats.compute_per_layer,  # on the model worker
+            "attention_compute": attention,  # on the attention workers (the slowest one)
+            "round_trip": stats.round_trip_per_layer,
+            "blocked": stats.wait_per_layer,  # the model worker waiting for replies
+        },
+        "network_samples": {"requests": stats.decode_requests, "replies": stats.decode_replies},
+    }
+    section = {"offloaded": offloaded, "monolithic": None}
+    if monolithic is not None:
+        section["monolithic"] = {
+            "tokens_per_second": monolithic.tokens_per_second,
+            "decode_tokens_per_second": monolithic.decode_tokens_per_second,
+            "time_between_tokens_s": _percentiles(monolithic.token_intervals),
+            "per_layer_s": {"network": 0.0, "compute": monolithic.compute_per_layer},
+        }
+    return section
+
+
+def _report(args, geometry, partition, device, result, mismatches, monolithic) -> None:
     stats = result.stats
     attention_per_layer = max((w.decode_attention_per_layer for w in result.workers), default=0.0)
+    monolithic_rate = monolithic.tokens_per_second if monolithic is not None else None
     measured = stats.bytes_per_token_per_layer
     formula = geometry.paper_formula_bytes()
     summary = {
@@ -245,10 +288,16 @@ def _report(args, geometry, partition, device, result, mismatches, monolithic_ra
         "bytes_per_token_per_layer": measured, "formula_bytes_per_token_per_layer": formula,
         "monolithic_tokens_per_second": monolithic_rate,
         "check": None if mismatches is None else ("identical" if mismatches == 0 else f"{mismatches} tokens differ"),
+        "cpu_count": os.cpu_count(),
+        **measurements(stats, result.workers, monolithic),
     }
-    if args.json:
+    if args.json == "-":
         print(json.dumps(summary))
         return
+    if args.json is not None:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+            f.write("\n")
     us = 1e6
     print(f"lamina-net decode: {geometry.model_type}, hidden {geometry.hidden_size}, {geometry.num_layers} layers, "
           f"{geometry.num_q_heads} q / {geometry.num_kv_heads} kv heads (G={geometry.group_size}), "
@@ -271,6 +320,19 @@ def _report(args, geometry, partition, device, result, mismatches, monolithic_ra
     print(f"  bytes per token per layer: {measured:.0f} measured (q, k, v out + output back) vs "
           f"(2 + 2/G) * e * d = (2 + 2/{geometry.group_size}) * {geometry.element_size} * {geometry.hidden_size} "
           f"= {formula:.0f}; plus a 64-byte header per message")
+    if args.json is not None:
+        offloaded, mono = summary["offloaded"], summary["monolithic"]
+        tbt = offloaded["time_between_tokens_s"]
+        network = offloaded["per_layer_s"]["network"]
+        print(f"  time between tokens: p50 {tbt['p50'] * 1e3:.2f} ms, p99 {tbt['p99'] * 1e3:.2f} ms; per layer: network "
+              f"{'n/a' if network is None else f'{network * us:.0f} us'}, compute "
+              f"{offloaded['per_layer_s']['compute'] * us:.0f} us" if tbt["samples"] else "  (no decode steps)")
+        mono_tbt = mono["time_between_tokens_s"]
+        if mono_tbt["samples"]:
+            print(f"  monolithic: {mono['tokens_per_second']:.1f} tokens/s, time between tokens p50 "
+                  f"{mono_tbt['p50'] * 1e3:.2f} ms, p99 {mono_tbt['p99'] * 1e3:.2f} ms, compute per layer "
+                  f"{mono['per_layer_s']['compute'] * us:.0f} us")
+        print(f"  measurements written to {args.json}")
     if mismatches is not None:
         verdict = "identical to" if mismatches == 0 else f"{mismatches} tokens DIFFER from"
         print(f"  check: generated tokens {verdict} the monolithic model's greedy generate "

@@ -26,7 +26,8 @@ from .converter import (CONTEXT_KWARG, ModelGeometry, PassThroughCache, cache_kw
                         offload_attention)
 from .link import Link, PipelineError, WorkerFailure
 from .partition import HeadPartition, partition_heads
-from .protocol import DTYPE_CODES, FLAG_HAS_MASK, FLAG_RESET, HEADER_BYTES, STATS_FIELDS, Kind, float_bits
+from .protocol import (DTYPE_CODES, FLAG_HAS_MASK, FLAG_RESET, HEADER_BYTES, STATS_FIELDS, TRAILER_BYTES, Kind,
+                       float_bits)
 
 
 @dataclass
@@ -63,6 +64,16 @@ class DecodeStats:
     header_bytes: int = 0
     decode_round_trip_seconds: float = 0.0  # sends posted -> replies in hand, summed over exchanges
     decode_wait_seconds: float = 0.0  # model worker blocked on replies, summed over exchanges
+    decode_compute_seconds: float = 0.0  # model worker computing (projections, MLP, norms, head) in decode steps
+    # One-way legs per message, from the reply trailer's timestamps (one host: one monotonic clock).
+    # Request: posted here -> in the worker's hands. Reply: posted there -> in hand here, counted only
+    # when this side was already waiting for it (otherwise its arrival time is unknown, and hidden).
+    decode_request_seconds: float = 0.0
+    decode_requests: int = 0
+    decode_reply_seconds: float = 0.0
+    decode_replies: int = 0
+    shared_clock: bool = True
+    token_intervals: list[float] = field(default_factory=list)  # seconds between a request's successive tokens
     workers: list[WorkerStats] = field(default_factory=list)
 
     @property
@@ -89,6 +100,32 @@ class DecodeStats:
     @property
     def wait_per_layer(self) -> float:
         return self.decode_wait_seconds / self.decode_layer_calls if self.decode_layer_calls else 0.0
+
+    @property
+    def compute_per_layer(self) -> float:
+        """Model-worker compute per (micro-batch, layer) in decode steps (the LM head's share included)."""
+        return self.decode_compute_seconds / self.decode_layer_calls if self.decode_layer_calls else 0.0
+
+    @property
+    def request_leg(self) -> float | None:
+        """One-way time of a request (posted here -> in the worker's hands); None without a shared clock."""
+        if not self.shared_clock or not self.decode_requests:
+            return None
+        return self.decode_request_seconds / self.decode_requests
+
+    @property
+    def reply_leg(self) -> float | None:
+        """One-way time of a reply this side waited for; None when every reply arrived while it computed."""
+        if not self.shared_clock or not self.decode_replies:
+            return None
+        return self.decode_reply_seconds / self.decode_replies
+
+    @property
+    def network_per_layer(self) -> float | None:
+        """Request leg + reply leg of one message; a reply leg hidden behind other micro-batches counts 0."""
+        if self.request_leg is None:
+            return None
+        return self.request_leg + (self.reply_leg or 0.0)
 
 
 class _Aborted(Exception):
@@ -142,6 +179,7 @@ class MicroBatchRunner:
         self.recv_buffers: list[torch.Tensor | None] = [None] * count
         self.pending_sends: list = [None] * count
         self.decoding = False
+        self.computing_since = time.perf_counter()
 
     def _buffer(self, buffers: list, worker: int, nbytes: int) -> torch.Tensor:
         buffer = buffers[worker]
@@ -169,6 +207,12 @@ class MicroBatchRunner:
                 message[HEADER_BYTES:].copy_(valid.reshape(-1).to(device="cpu", dtype=torch.uint8))
             self.pending_sends[worker] = link.isend(message)
             self.stats.header_bytes += HEADER_BYTES
+        self.computing_since = time.perf_counter()
+
+    def end_step(self) -> None:
+        """The forward step's last compute segment (final norm, LM head, token choice)."""
+        if self.decoding:
+            self.stats.decode_compute_seconds += time.perf_counter() - self.computing_since
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                sliding_window: int) -> torch.Tensor:
@@ -179,6 +223,8 @@ class MicroBatchRunner:
             raise PipelineError(f"layer {layer}: activations are {query.dtype}, workers were set up for "
                                 f"{owner.geometry.dtype}")
         started = time.perf_counter()
+        if self.decoding:
+            self.stats.decode_compute_seconds += started - self.computing_since
         receives = []
         sent = received = 0
         for worker, (link, shard) in enumerate(zip(owner.links, owner.partition.shards)):
@@ -195,12 +241,14 @@ class MicroBatchRunner:
                 body[offset:offset + part.numel()].view(part.shape).copy_(part)
                 offset += part.numel()
             reply_bytes = batch * q_len * shard.num_q_heads * head_dim * element
-            reply = self._buffer(self.recv_buffers, worker, reply_bytes)
-            receives.append((link, reply, link.irecv(reply), reply_bytes, shard))
+            reply = self._buffer(self.recv_buffers, worker, reply_bytes + TRAILER_BYTES)
+            pending_reply = link.irecv(reply)
+            posted = time.perf_counter()
             self.pending_sends[worker] = link.isend(message)
+            receives.append((link, reply, pending_reply, reply_bytes, shard, posted))
             sent += payload
             received += reply_bytes
-        self.stats.header_bytes += HEADER_BYTES * len(owner.links)
+        self.stats.header_bytes += (HEADER_BYTES + TRAILER_BYTES) * len(owner.links)
 
         # Let the next micro-batch compute while the attention workers serve this one.
         self.turns.pass_turn(self.index)
@@ -208,14 +256,24 @@ class MicroBatchRunner:
 
         waited_from = time.perf_counter()
         outputs = []
-        for link, reply, pending, reply_bytes, shard in receives:
+        for link, reply, pending, reply_bytes, shard, posted in receives:
+            arrived_while_away = pending.done()
             try:
                 got = pending.wait()
             except WorkerFailure as failure:
                 raise PipelineError(f"{failure} (layer {layer}, micro-batch {self.index})") from failure
-            if got != reply_bytes:
-                raise PipelineError(f"{link.peer} replied {got} bytes for layer {layer}, expected {reply_bytes}")
-            outputs.append(reply.view(query.dtype).view(batch, q_len, shard.num_q_heads, head_dim))
+            in_hand = time.perf_counter()
+            if got != reply_bytes + TRAILER_BYTES:
+                raise PipelineError(f"{link.peer} replied {got} bytes for layer {layer}, expected "
+                                    f"{reply_bytes + TRAILER_BYTES}")
+            if self.decoding:
+                received_there, replied_there = reply[reply_bytes:].view(torch.float64).tolist()
+                self.stats.decode_request_seconds += received_there - posted
+                self.stats.decode_requests += 1
+                if not arrived_while_away:
+                    self.stats.decode_reply_seconds += in_hand - replied_there
+                    self.stats.decode_replies += 1
+            outputs.append(reply[:reply_bytes].view(query.dtype).view(batch, q_len, shard.num_q_heads, head_dim))
         done = time.perf_counter()
         if self.decoding:
             self.stats.decode_layer_calls += 1
@@ -226,7 +284,9 @@ class MicroBatchRunner:
             self.stats.decode_wait_seconds += done - waited_from
         output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         # Copy out of the reply buffer: it is reused by this micro-batch's next layer.
-        return output.to(query.device, copy=True)
+        output = output.to(query.device, copy=True)
+        self.computing_since = time.perf_counter()
+        return output
 
     def flush(self) -> None:
         for worker, pending in enumerate(self.pending_sends):
@@ -265,7 +325,7 @@ class ModelWorker:
     """
 
     def __init__(self, model, links: list[Link], micro_batches: int = 1, timeout: float | None = None,
-                 allow_untested: bool = False):
+                 allow_untested: bool = False, shared_clock: bool = True):
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         if not links:
@@ -279,6 +339,7 @@ class ModelWorker:
                                                         self.geometry.head_dim, len(links))
         self.device = next(model.parameters()).device
         self.pin_memory = self.device.type == "cuda"
+        self.shared_clock = shared_clock  # workers on this host: their timestamps are comparable with ours
         self.last_stats: DecodeStats | None = None
         self._closed = False
 
@@ -319,7 +380,8 @@ class ModelWorker:
         groups = torch.tensor_split(torch.arange(batch), self.micro_batches)
         self._setup_workers(max(len(g) for g in groups) * prompt_len)
 
-        stats = DecodeStats(batch=batch, num_layers=self.geometry.num_layers, micro_batches=self.micro_batches)
+        stats = DecodeStats(batch=batch, num_layers=self.geometry.num_layers, micro_batches=self.micro_batches,
+                            shared_clock=self.shared_clock)
         turns = TurnTaker(self.micro_batches)
         runners = [MicroBatchRunner(i, self, turns, stats) for i in range(self.micro_batches)]
         results: list[torch.Tensor | None] = [None] * self.micro_batches
@@ -384,6 +446,11 @@ class ModelWorker:
             logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
                                 use_cache=True, **extra, **{CONTEXT_KWARG: runner}).logits
             next_tokens = logits[:, -1, :].argmax(dim=-1)
+            runner.end_step()
+            token_at = time.perf_counter()
+            if step > 0:
+                runner.stats.token_intervals.append(token_at - last_token_at)
+            last_token_at = token_at
             if eos.numel():
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
                 unfinished &= ~torch.isin(next_tokens, eos)

@@ -5,6 +5,9 @@ Weights are never downloaded: models are built from a config with random
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -66,3 +69,64 @@ def reference_generate(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         output = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
                                 do_sample=False, num_beams=1, pad_token_id=pad_token_id(model))
     return output[:, input_ids.shape[1]:]
+
+
+@dataclass
+class MonolithicTiming:
+    """One timed greedy ``generate`` of the unsplit model (eager attention, no network)."""
+
+    tokens: torch.Tensor  # [batch, new tokens]
+    wall_seconds: float
+    prefill_seconds: float  # until the first new token
+    num_layers: int
+    token_intervals: list[float] = field(default_factory=list)  # seconds between successive decode tokens
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.tokens.numel()
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        decode = self.wall_seconds - self.prefill_seconds
+        return self.tokens.shape[0] * (self.tokens.shape[1] - 1) / decode if decode > 0 else 0.0
+
+    @property
+    def compute_per_layer(self) -> float:
+        """A decode step's time over its layers (embedding and LM head included)."""
+        steps = len(self.token_intervals)
+        return sum(self.token_intervals) / (steps * self.num_layers) if steps else 0.0
+
+
+def timed_reference_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             new_tokens: int) -> MonolithicTiming:
+    """:func:`reference_generate` with per-token timestamps (a ``generate`` streamer)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):  # the first call carries the prompt, each later one a step's tokens
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    from .converter import restore_attention
+    from .model_worker import pad_token_id
+
+    restore_attention(model, "eager")
+    stamps = Stamps()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                                do_sample=False, num_beams=1, pad_token_id=pad_token_id(model), streamer=stamps)
+    wall = time.perf_counter() - started
+    token_times = stamps.times[1:]
+    intervals = [b - a for a, b in zip(token_times, token_times[1:])]
+    prefill = (token_times[0] - started) if token_times else wall
+    return MonolithicTiming(output[:, input_ids.shape[1]:], wall, prefill, model.config.num_hidden_layers, intervals)

@@ -13,7 +13,10 @@ BEGIN       optional uint8 key-validity mask [batch, q_len] (left padding);
             starts a forward step of one micro-batch (flag RESET: new requests)
 LAYER       q [batch, q_heads, q_len, head_dim], then k and v
             [batch, kv_heads, q_len, head_dim], all in the model dtype;
-            reply: attention output [batch, q_len, q_heads, head_dim]
+            reply: attention output [batch, q_len, q_heads, head_dim], then
+            a trailer of two float64: when the worker had the request and
+            when it posted the reply (``time.perf_counter``; comparable with
+            the model worker's clock on one host only)
 STATS       none; reply: float64 [STATS_FIELDS] timing counters
 STOP        none; no reply, the worker exits
 ==========  =====================================================================
@@ -28,6 +31,8 @@ HEADER_BYTES = HEADER_FIELDS * 8
 # STATS reply fields: layer messages, seconds computing attention, the same two for decode steps only
 # (after each micro-batch's prefill), seconds waiting for requests, KV cache bytes held.
 STATS_FIELDS = 6
+
+TRAILER_BYTES = 16  # LAYER reply trailer: request received, reply posted (float64 seconds)
 
 FLAG_RESET = 1  # BEGIN: drop the micro-batch's KV cache, new requests start
 FLAG_HAS_MASK = 2  # BEGIN: a key-validity mask follows; otherwise all new tokens are valid
