@@ -176,7 +176,9 @@ def _table_columns(records: list[dict]) -> list[tuple[str, str]]:
                ("path", "path")]
     for title, metric in (("p50 us", "p50_us"), ("p99 us", "p99_us"), ("layer p50 us", "per_layer_us.p50"),
                           ("layer p99 us", "per_layer_us.p99"), ("step p50 us", "per_step_us.p50"),
-                          ("step p99 us", "per_step_us.p99"), ("GB/s", "gb_per_s"), ("GB/s", "bandwidth_gb_s")):
+                          ("step p99 us", "per_step_us.p99"), ("GB/s", "gb_per_s"), ("GB/s", "bandwidth_gb_s"),
+                          ("C ref p50", "ref_p50_us"), ("blocking ref p50", "blocking_ref_p50_us"),
+                          ("memcpy us", "memcpy_us")):
         if any(metric_value(r, metric) is not None for r in records):
             columns.append((title, metric))
     ratios = sorted({k for r in records for k in r if k.startswith("ratio_vs_")})
@@ -273,6 +275,10 @@ def plot_records(records: list[dict], path: str, what: str, x_label: str = "mess
         lat = metric_value(r, "p50_us") if lat is None else lat
         if lat is not None and lat > 0:
             latency.setdefault(label, []).append((size, lat))
+        # The plain C reference measured beside it in the same run (bench latency) is a system of its own.
+        ref = metric_value(r, "ref_p50_us")
+        if ref is not None and ref > 0 and r.get("path", "host") == "host":
+            latency.setdefault(f"plain C {r.get('transport', '')} ping-pong", []).append((size, ref))
         bw = metric_value(r, "gb_per_s")
         bw = metric_value(r, "bandwidth_gb_s") if bw is None else bw
         if bw is not None and bw > 0:
@@ -312,6 +318,8 @@ def add_arguments(sub) -> None:
     table.add_argument("run", metavar="RUN.json")
     table.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/bench/*.md)")
     table.add_argument("--plot", metavar="PATH.png", help="also plot it")
+    table.add_argument("--date", help="the date the run was measured, for the plot's title (default today)")
+    table.add_argument("--hardware", help="what it ran on, for the plot's title (default this machine)")
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -332,7 +340,7 @@ def run_table(args: argparse.Namespace) -> int:
         records = load_records(args.run)
         sys.stdout.write(format_table(records, args.markdown))
         if args.plot:
-            plot_records(records, args.plot, Path(args.run).stem)
+            plot_records(records, args.plot, Path(args.run).stem, hardware=args.hardware, date=args.date)
     except UsageError as e:
         raise SystemExit(f"lamina-net bench table: {e}")
     return 0

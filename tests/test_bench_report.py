@@ -124,3 +124,16 @@ def test_progress_is_off_when_stdout_is_not_a_terminal(monkeypatch):
     with bar:
         bar.update()
         assert bar.n == 1
+
+
+def test_latency_plot_and_json_from_the_cli(tmp_path):
+    pytest.importorskip("matplotlib")
+    png, js = tmp_path / "lat.png", tmp_path / "lat.json"
+    proc = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--sizes", "8,64", "--iterations",
+                           "20", "--warmup", "2", "--transport", "shm", "--no-reference", "--baseline", "none",
+                           "--json", str(js), "--plot", str(png)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["size_bytes"] for r in json.loads(js.read_text())] == [8, 64]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Not a terminal: no progress bar in the output.
+    assert "bench latency:" not in proc.stderr and "it/s" not in proc.stderr
