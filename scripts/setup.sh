@@ -10,6 +10,9 @@ need_apt=()
 # libibverbs-dev gives verbs headers at build time (the library is dlopen'ed at
 # run time). The Soft-RoCE guest tooling is installed by scripts/softroce/setup.sh.
 dpkg -s libibverbs-dev >/dev/null 2>&1 || need_apt+=(libibverbs-dev)
+# clang and its runtime: the libFuzzer targets of the C++ decoders (tests/fuzz/cpp).
+command -v clang++ >/dev/null 2>&1 || need_apt+=(clang)
+dpkg -s libclang-rt-14-dev >/dev/null 2>&1 || need_apt+=(libclang-rt-14-dev)
 if ((${#need_apt[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

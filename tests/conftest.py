@@ -13,6 +13,15 @@ from harness import assert_all_ok, free_port, run_ranks  # noqa: E402,F401  (re-
 LOCAL_TRANSPORTS = ["tcp", "shm"]
 
 
+def compiler_env() -> dict:
+    """The environment for a compiler the tests run: without the sanitizer runtime
+    that scripts/test_sanitizers.sh preloads into the interpreter (nvcc's own tools
+    fail under it, and they are not what is being checked)."""
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    return env
+
+
 @pytest.fixture(params=LOCAL_TRANSPORTS)
 def transport(request):
     return request.param

@@ -17,7 +17,7 @@ import pytest
 import lamina_net as ln
 from lamina_net import device as lnd
 
-from conftest import assert_all_ok, run_ranks
+from conftest import compiler_env, assert_all_ok, run_ranks
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "device"))
 import device_ranks as dr  # noqa: E402
@@ -345,6 +345,6 @@ def test_header_compiles_alone_with_nvcc(tmp_path, arch):
     out = tmp_path / f"user_{arch}.o"
     cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror",
            "-c", "-I", ln.get_include(), USER_KERNEL, "-o", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=compiler_env(), timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
     assert out.stat().st_size > 0

@@ -26,7 +26,7 @@ import lamina_net as ln
 from lamina_net import _core
 from lamina_net import device as lnd
 
-from conftest import assert_all_ok, run_ranks
+from conftest import compiler_env, assert_all_ok, run_ranks
 import _gpu_workers as gw
 import _nvrtc
 
@@ -289,7 +289,7 @@ def test_every_cu_file_of_the_library_compiles_for_sm80_and_sm90(tmp_path):
         cmd = [_nvcc(), "-std=c++17", "-O2", "-c", src, "-o", str(obj), f"-I{REPO}/csrc",
                f"-I{REPO}/csrc/device/include", "-Xcompiler", "-fPIC,-Wall",
                "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=compiler_env(), timeout=600)
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
         assert obj.stat().st_size > 0
 

@@ -54,7 +54,8 @@ def run_module(module: str, *argv: str) -> subprocess.CompletedProcess:
     """
     package_root = str(Path(lamina_net.plan.__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, env=env,
+    # From the package's root: for an installed package, the checkout's source tree would shadow it.
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=package_root, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -77,6 +77,8 @@ RegionDescriptor RegionDescriptor::deserialize(const std::string& blob) {
     throw_usage("region descriptor version " + std::to_string(version) + " is not supported (expected " +
                 std::to_string(kVersion) + ")");
   }
+  // Zero now; refusing other values keeps the field free for a later version.
+  if (get_field<uint32_t>(blob, kOffReserved) != 0) throw_usage("region descriptor has non-zero reserved bytes");
   RegionDescriptor d;
   uint16_t kind = get_field<uint16_t>(blob, kOffKind);
   if (kind > static_cast<uint16_t>(MemoryKind::kCuda)) throw_usage("region descriptor has unknown memory kind");

@@ -57,6 +57,18 @@ struct HelloFrame {
 };
 static_assert(sizeof(HelloFrame) == 128, "hello frame is 128 bytes on the wire");
 
+// What a hello must carry to be accepted: the group's secret, and a rank of
+// the group other than our own.
+struct HelloExpectation {
+  uint64_t secret_hi = 0, secret_lo = 0;
+  int self_rank = 0;
+  int world_size = 0;
+};
+// Empty when `hello` (raw bytes from an unauthenticated socket) is acceptable,
+// else the reason it is refused. Checks magic, version, secret (in constant
+// time), rank and a NUL-terminated channel key.
+std::string hello_problem(const HelloFrame& hello, const HelloExpectation& expect);
+
 const char* frame_type_name(uint8_t type);
 // Constant-time comparison of the 128-bit secret.
 bool secrets_equal(uint64_t a_hi, uint64_t a_lo, uint64_t b_hi, uint64_t b_lo);

@@ -247,16 +247,7 @@ class TcpTransport : public Transport {
   }
 
   std::string check_hello(const HelloFrame& hello) const {
-    if (hello.magic != HelloFrame::kMagic) return "not a lamina-net peer (bad hello magic)";
-    if (hello.version != 1) return "unsupported protocol version " + std::to_string(hello.version);
-    if (!secrets_equal(hello.secret_hi, hello.secret_lo, ctx_.secret_hi, ctx_.secret_lo)) {
-      return "wrong group secret";
-    }
-    if (hello.rank < 0 || hello.rank >= ctx_.world_size || hello.rank == ctx_.rank) {
-      return "invalid rank " + std::to_string(hello.rank);
-    }
-    if (hello.channel_key[sizeof(hello.channel_key) - 1] != '\0') return "unterminated channel key";
-    return {};
+    return hello_problem(hello, HelloExpectation{ctx_.secret_hi, ctx_.secret_lo, ctx_.rank, ctx_.world_size});
   }
 
   Fd dial(const ConnectParams& params, const std::string& key) {
@@ -295,9 +286,11 @@ class TcpTransport : public Transport {
                        " failed: " + why);
         }
         why = check_hello(reply);
-        if (!why.empty() || reply.rank != params.peer_rank) {
+        if (why.empty() && reply.rank != params.peer_rank) why = "answered as the wrong rank";
+        if (why.empty() && key != reply.channel_key) why = "answered for another channel";
+        if (!why.empty()) {
           throw_system("tcp handshake with rank " + std::to_string(params.peer_rank) + " at " + where +
-                       " rejected: " + (why.empty() ? "answered as the wrong rank" : why));
+                       " rejected: " + why);
         }
         // Connected only once the peer's connect() took this socket.
         uint8_t confirm = 0;
