@@ -76,15 +76,20 @@ class Channel {
   // descriptor); signal words are always host memory.
   // With want_completion, the returned op completes when applied at the target.
   //
-  // Inline, so that a small put without signal or completion (the latency
-  // path) is the transport's post and checks on the descriptor, no more;
-  // everything else, and every error, goes through put_general.
+  // Inline, so that a small put without completion (the latency path) is the
+  // transport's post and checks on the descriptors, no more: verbs posts a
+  // put without signal that way, shm writes a put and its signal straight
+  // into the target's memory. Everything else, and every error, goes through
+  // put_general.
   OpRef put(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
             const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device = false) {
-    if (signal == nullptr && !want_completion && !src_device && src != nullptr &&
-        !closed_.load(std::memory_order_acquire) && target_usable(dst, dst_offset, len, kAccessRemoteWrite) &&
-        connection_->try_post_small_put(src, len, RemoteSlice{dst, dst_offset})) {
-      return nullptr;
+    if (!want_completion && !src_device && src != nullptr && !closed_.load(std::memory_order_acquire) &&
+        target_usable(dst, dst_offset, len, kAccessRemoteWrite)) {
+      if (signal == nullptr ? connection_->try_post_small_put(src, len, RemoteSlice{dst, dst_offset})
+                            : signal_usable(*signal) &&
+                                  connection_->try_post_small_put_signal(src, len, dst, dst_offset, *signal)) {
+        return nullptr;
+      }
     }
     return put_general(src, len, dst, dst_offset, signal, want_completion, timeout_s, src_device);
   }
@@ -115,6 +120,11 @@ class Channel {
   bool target_usable(const RegionDescriptor& d, uint64_t offset, uint64_t len, uint32_t need) const {
     return d.group_id == group_id_ && static_cast<int>(d.owner_rank) == peer_ && (d.access & need) == need &&
            d.contains(offset, len);
+  }
+  // put_general's checks of a signal word, the same way.
+  bool signal_usable(const RemoteWord& w) const {
+    return w.offset % 8 == 0 && w.target.kind == MemoryKind::kHost &&
+           target_usable(w.target, w.offset, 8, kAccessRemoteAtomic);
   }
   OpRef put_general(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
                     const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device);

@@ -19,7 +19,6 @@ constexpr uint64_t kDirectReadMin = 16 * 1024;
 // How long the progress thread stays idle after it saw a waiting thread drive.
 constexpr int kDriverIdleUs = 200;
 
-thread_local bool t_is_progress_thread = false;
 
 std::string peer_name(int rank) { return "rank " + std::to_string(rank); }
 
@@ -34,6 +33,7 @@ StreamConnection::StreamConnection(const char* transport_name, int peer_rank, st
       staging_(kStagingBytes),
       max_unexpected_bytes_(static_cast<uint64_t>(setting_int("MAX_UNEXPECTED_BYTES"))) {
   peer_rank_ = peer_rank;
+  direct_min_ = stream_->direct_put_threshold();
 }
 
 StreamConnection::~StreamConnection() { close(); }
@@ -206,7 +206,7 @@ void StreamConnection::post_put(const LocalSlice& src_in, const RemoteSlice& dst
     h.sig_offset = signal->offset;
     h.sig_add = signal->add;
   }
-  if (src.len >= stream_->direct_put_threshold() && dst.target.shared_fd >= 0 &&
+  if (src.len >= direct_min_ && dst.target.shared_fd >= 0 &&
       dst.target.kind == MemoryKind::kHost && try_direct_put(src, dst, signal, done, deadline)) {
     return;
   }
@@ -242,14 +242,32 @@ bool StreamConnection::peer_caught_up_locked(Deadline deadline) {
   // direct write could overtake a queued put to the same bytes. A target that
   // lags behind more than briefly gets frames instead.
   // The common case first: no clock read (a vDSO call) on the latency path.
-  if (stream_->peer_applied() >= last_seq_) return true;
+  if (stream_->peer_applied() >= last_seq_.load(std::memory_order_relaxed)) return true;
   Deadline catch_up = Deadline::after_seconds(0.002);
   Backoff backoff(200000);
-  while (stream_->peer_applied() < last_seq_) {
+  while (stream_->peer_applied() < last_seq_.load(std::memory_order_relaxed)) {
     if (catch_up.expired() || deadline.expired() || failed_.load()) return false;
     backoff.pause();
   }
   return true;
+}
+
+template <typename Write>
+DirectResult StreamConnection::direct_retrying(Write write, const Deadline& deadline) {
+  DirectResult result = write();
+  if (result != DirectResult::kBusy) return result;
+  // Another thread's direct write: a check and a copy, so this is short. A
+  // longer wait (the count is in memory the peer can write too) gives up
+  // and sends frames, as a lagging peer does.
+  Deadline give_up = Deadline::after_seconds(0.002);
+  Backoff backoff(20000);
+  while ((result = write()) == DirectResult::kBusy) {
+    if (give_up.expired() || deadline.expired() || failed_.load(std::memory_order_acquire)) {
+      return DirectResult::kRefused;
+    }
+    backoff.pause();
+  }
+  return result;
 }
 
 bool StreamConnection::try_direct_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal,
@@ -257,26 +275,35 @@ bool StreamConnection::try_direct_put(const LocalSlice& src, const RemoteSlice& 
   std::lock_guard<std::mutex> lock(tx_mutex_);
   throw_if_failed();
   if (!peer_caught_up_locked(deadline)) return false;
-  if (!stream_->direct_put(dst.target, dst.offset, src.ptr, src.len)) return false;
-  std::atomic_thread_fence(std::memory_order_release);
-  // The data is at the target. A signal in shared memory too is one atomic
-  // add there (seq_cst: after the data), and the put needs no frame at all.
-  if (!signal || (signal->target.shared_fd >= 0 && signal->target.kind == MemoryKind::kHost &&
-                  stream_->direct_atomic_add(signal->target, signal->offset, signal->add, nullptr))) {
+  auto put = [&](const RemoteWord* with_signal) {
+    return direct_retrying(
+        [&] { return stream_->direct_put_signal(dst.target, dst.offset, src.ptr, src.len, with_signal); }, deadline);
+  };
+  // The data is at the target and, when the signal's word is in shared
+  // memory too, the signal (one atomic add there, after the data): the put
+  // needs no frame at all.
+  const bool direct_signal = signal && signal->target.shared_fd >= 0 && signal->target.kind == MemoryKind::kHost;
+  if (direct_signal && put(signal) == DirectResult::kDone) {
     if (done) done->complete();
     return true;
   }
+  if (put(nullptr) != DirectResult::kDone) return false;
+  if (!signal) {
+    if (done) done->complete();
+    return true;
+  }
+  // The signal word cannot be written directly: a frame carries it (and the
+  // ack), ordered after the data already there.
+  std::atomic_thread_fence(std::memory_order_release);
   FrameHeader h;
   h.type = static_cast<uint8_t>(FrameType::kPut);
   h.region_id = dst.target.region_id;
   h.offset = dst.offset;
   h.length = 0;  // the data is already there; the frame carries signal/ack
-  if (signal) {
-    h.flags |= kFlagSignal;
-    h.sig_region = signal->target.region_id;
-    h.sig_offset = signal->offset;
-    h.sig_add = signal->add;
-  }
+  h.flags |= kFlagSignal;
+  h.sig_region = signal->target.region_id;
+  h.sig_offset = signal->offset;
+  h.sig_add = signal->add;
   if (done) h.flags |= kFlagAckRequest;
   h.seq = next_seq_locked();
   if (done) {
@@ -287,6 +314,28 @@ bool StreamConnection::try_direct_put(const LocalSlice& src, const RemoteSlice& 
   return true;
 }
 
+bool StreamConnection::try_direct_inline(const void* src, uint64_t len, const RegionDescriptor& dst,
+                                         uint64_t dst_offset, const RemoteWord* signal) {
+  if (len < direct_min_ || dst.shared_fd < 0 || dst.kind != MemoryKind::kHost) return false;
+  if (signal && signal->target.shared_fd < 0) return false;
+  // No tx lock: the stream keeps direct writes apart (kBusy), and frames of
+  // other threads are not ordered with this put anyway. This thread's own
+  // frames are (it wrote last_seq_): a peer still applying them, or any
+  // kBusy, sends the caller to post_put, which waits within its bound.
+  if (failed_.load(std::memory_order_acquire)) return false;
+  if (stream_->peer_applied() < last_seq_.load(std::memory_order_acquire)) return false;
+  return stream_->direct_put_signal(dst, dst_offset, src, len, signal) == DirectResult::kDone;
+}
+
+bool StreamConnection::try_post_small_put(const void* src, uint64_t len, const RemoteSlice& dst) {
+  return try_direct_inline(src, len, dst.target, dst.offset, nullptr);
+}
+
+bool StreamConnection::try_post_small_put_signal(const void* src, uint64_t len, const RegionDescriptor& dst,
+                                                 uint64_t dst_offset, const RemoteWord& signal) {
+  return try_direct_inline(src, len, dst, dst_offset, &signal);
+}
+
 void StreamConnection::post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) {
   throw_if_failed();
   // Only a stream that maps the peer's memory (shm) writes directly; asking
@@ -295,7 +344,9 @@ void StreamConnection::post_atomic_add(const RemoteWord& word, const OpRef& done
     std::lock_guard<std::mutex> lock(tx_mutex_);
     throw_if_failed();
     uint64_t old = 0;
-    if (peer_caught_up_locked(deadline) && stream_->direct_atomic_add(word.target, word.offset, word.add, &old)) {
+    if (peer_caught_up_locked(deadline) &&
+        direct_retrying([&] { return stream_->direct_atomic_add(word.target, word.offset, word.add, &old); },
+                        deadline) == DirectResult::kDone) {
       if (done) done->complete(old);
       return;
     }
@@ -727,6 +778,7 @@ bool StreamConnection::drain_locked() {
     fail(e.what());
     return true;
   }
+  rx_buffered_.store(in_payload_ || staging_begin_ != staging_end_, std::memory_order_relaxed);
   if (eof && !failed_.load()) {
     if (peer_said_close_ && !close_reason_.empty()) {
       fail("the peer " + std::string(close_reason_.begin(), close_reason_.end()) + ", and closed the channel");
@@ -746,11 +798,19 @@ bool StreamConnection::drain_locked() {
   return did;
 }
 
-bool StreamConnection::progress() {
+bool StreamConnection::progress() { return progress_step(true); }
+
+bool StreamConnection::progress_step(bool external) {
   if (failed_.load(std::memory_order_acquire)) return false;
-  if (!t_is_progress_thread) {
+  if (external) {
     // Not an RMW: an approximate tick is enough and keeps the spin loop cheap.
     external_ticks_.store(external_ticks_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  }
+  // The polls of a wait mostly find nothing: then no lock and no read (shm:
+  // two flags here and three words of the ring are all this looks at).
+  if (!rx_buffered_.load(std::memory_order_relaxed) && !control_pending_.load(std::memory_order_acquire) &&
+      stream_->inbound_idle()) {
+    return false;
   }
   bool did = false;
   if (rx_mutex_.try_lock()) {
@@ -778,7 +838,6 @@ void StreamConnection::stop_driving() {
 }
 
 void StreamConnection::progress_thread_main() {
-  t_is_progress_thread = true;
   uint64_t seen_ticks = external_ticks_.load(std::memory_order_relaxed);
   while (!closing_.load(std::memory_order_acquire) && !failed_.load(std::memory_order_acquire)) {
     // A thread that waits on this connection is driving it: stay out of its
@@ -792,7 +851,7 @@ void StreamConnection::progress_thread_main() {
       futex_wait_us(reinterpret_cast<const uint32_t*>(&idle_wake_), seen, kDriverIdleUs, false);
       continue;
     }
-    if (progress()) continue;
+    if (progress_step(false)) continue;
     if (rx_stalled_.load(std::memory_order_relaxed)) {
       // Waiting for a recv to be posted; the stream stays readable meanwhile.
       std::this_thread::sleep_for(std::chrono::microseconds(200));
@@ -801,7 +860,7 @@ void StreamConnection::progress_thread_main() {
     std::string gone = stream_->peer_gone_reason();
     if (!gone.empty()) {
       // Apply whatever the peer managed to send before it went away.
-      progress();
+      progress_step(false);
       fail(gone);
       break;
     }

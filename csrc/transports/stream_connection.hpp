@@ -29,6 +29,11 @@
 
 namespace lamina {
 
+// What a direct write (shm) did: written; refused (not possible for this
+// target: use frames, which the target validates); or busy (another thread
+// of this process is writing directly on this stream: try again).
+enum class DirectResult { kDone, kRefused, kBusy };
+
 // Bytes in, bytes out, non-blocking. Implementations: tcp socket, shm rings.
 class ByteStream {
  public:
@@ -54,18 +59,27 @@ class ByteStream {
   // Smallest put that uses a pull instead of streaming the payload.
   virtual uint64_t pull_threshold() const { return UINT64_MAX; }
   // Direct path (shm): copy `len` bytes straight into the target region when
-  // the peer's memory is mapped here. Returns false when it is not possible.
-  // The caller guarantees ordering (peer_applied() caught up) beforehand.
-  virtual bool direct_put(const RegionDescriptor& target, uint64_t offset, const void* src, uint64_t len) {
-    return false;
+  // the peer's memory is mapped here, then, if `signal` is given, add to its
+  // word there (after the data). All or nothing: unless kDone, nothing was
+  // written. Never blocks; any thread may call it (direct writes on one
+  // stream exclude each other: kBusy). The caller guarantees ordering
+  // (peer_applied() caught up with its frames) beforehand.
+  virtual DirectResult direct_put_signal(const RegionDescriptor& target, uint64_t offset, const void* src,
+                                         uint64_t len, const RemoteWord* signal) {
+    return DirectResult::kRefused;
   }
   virtual uint64_t direct_put_threshold() const { return UINT64_MAX; }
   // Direct 64-bit fetch-and-add on a word of the peer's shared allocation,
-  // then wakes a peer asleep on this stream. False when not possible.
-  virtual bool direct_atomic_add(const RegionDescriptor& target, uint64_t offset, uint64_t add, uint64_t* old) {
-    return false;
+  // then wakes a peer asleep on this stream. The same rules.
+  virtual DirectResult direct_atomic_add(const RegionDescriptor& target, uint64_t offset, uint64_t add,
+                                         uint64_t* old) {
+    return DirectResult::kRefused;
   }
   virtual bool writes_directly() const { return false; }
+  // True when a read would find nothing and the peer has not closed, from a
+  // look that costs no system call (shm: two loads); false when unsure (tcp).
+  // Lets progress() return at once on the polls of a wait.
+  virtual bool inbound_idle() const { return false; }
   // Highest sequence number of our frames that the peer has applied, and the
   // receiving side's report of the same (direct-put ordering).
   virtual uint64_t peer_applied() const { return 0; }
@@ -81,6 +95,9 @@ class StreamConnection : public Connection {
   const char* transport_name() const override { return transport_name_; }
   void post_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal, const OpRef& done,
                 Deadline deadline) override;
+  bool try_post_small_put(const void* src, uint64_t len, const RemoteSlice& dst) override;
+  bool try_post_small_put_signal(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
+                                 const RemoteWord& signal) override;
   void post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) override;
   void post_send(const void* data, uint64_t len, const OpRef& done, Deadline deadline) override;
   void post_recv(void* buffer, uint64_t capacity, const OpRef& done) override;
@@ -113,10 +130,22 @@ class StreamConnection : public Connection {
   // tx
   bool try_direct_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal, const OpRef& done,
                       Deadline deadline);
+  // The inline direct put (no lock, no waiting, no frame): true when written
+  // (data, then signal), false with nothing written.
+  bool try_direct_inline(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
+                         const RemoteWord* signal);
+  // A direct write from a path that may wait: retries while another thread
+  // writes directly, within the deadline (then kRefused: frames instead).
+  template <typename Write>
+  DirectResult direct_retrying(Write write, const Deadline& deadline);
   // Waits (briefly) until the peer applied every frame sent so far; false if
   // it lags, then the caller uses frames (which keep issue order by themselves).
   bool peer_caught_up_locked(Deadline deadline);
-  uint64_t next_seq_locked() { return ++last_seq_; }
+  uint64_t next_seq_locked() {
+    const uint64_t seq = last_seq_.load(std::memory_order_relaxed) + 1;
+    last_seq_.store(seq, std::memory_order_release);
+    return seq;
+  }
   void write_frame_locked(const FrameHeader& header, const void* payload, uint64_t len, Deadline deadline);
   void write_all_locked(struct iovec* iov, int iovcnt, Deadline deadline);
   void queue_control(const FrameHeader& header);
@@ -140,6 +169,9 @@ class StreamConnection : public Connection {
   void deliver_message_locked(std::vector<char>&& message);
 
   void fail(const std::string& why);
+  // progress(); `external`: called by a thread other than our progress
+  // thread (a driver, which the progress thread then stays out of the way of).
+  bool progress_step(bool external);
   void progress_thread_main();
 
   const char* transport_name_;
@@ -148,8 +180,11 @@ class StreamConnection : public Connection {
   std::function<void()> on_inbound_;
 
   // tx state
+  uint64_t direct_min_;  // stream_->direct_put_threshold(), fixed at construction
   std::mutex tx_mutex_;
-  uint64_t last_seq_ = 0;
+  // Written under tx_mutex_; read without it by the inline direct path (a
+  // thread's own frames are always seen: it wrote them).
+  std::atomic<uint64_t> last_seq_{0};
   std::mutex control_mutex_;
   std::vector<FrameHeader> control_queue_;
   std::atomic<bool> control_pending_{false};
@@ -179,6 +214,9 @@ class StreamConnection : public Connection {
   std::vector<char> close_reason_;  // the peer's close frame payload ("refused a PUT: ...")
   static constexpr uint64_t kMaxCloseReason = 1024;
   std::atomic<bool> rx_stalled_{false};  // unexpected-bytes budget exhausted
+  // Bytes read from the stream but not yet applied (staged, or a frame cut
+  // short): progress() must drain even when the stream itself is idle.
+  std::atomic<bool> rx_buffered_{false};
 
   // two-sided messages
   std::mutex msg_mutex_;

@@ -155,6 +155,15 @@ class Connection {
     (void)src, (void)len, (void)dst;
     return false;
   }
+  // The same for a put with a signal (host word, checked by the caller like
+  // post_put's): true once both are posted (shm: both written into the
+  // target's memory, the signal after the data); false, with nothing posted,
+  // whenever that cannot be done at once.
+  virtual bool try_post_small_put_signal(const void* src, uint64_t len, const RegionDescriptor& dst,
+                                         uint64_t dst_offset, const RemoteWord& signal) {
+    (void)src, (void)len, (void)dst, (void)dst_offset, (void)signal;
+    return false;
+  }
   // Remote 64-bit fetch-and-add; done->value() is the previous value.
   virtual void post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) = 0;
   // Two-sided, ordered messages. send copies or transmits `len` bytes before it

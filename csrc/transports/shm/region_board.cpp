@@ -79,10 +79,10 @@ PeerBoard::~PeerBoard() {
   if (entries_) munmap(const_cast<BoardEntry*>(entries_), kBoardBytes);
 }
 
-bool PeerBoard::check(uint64_t id, uint64_t offset, uint64_t len, uint32_t need, BoardView* out) const {
+bool PeerBoard::read(uint64_t id, BoardView* out, uint64_t* seq) const {
   if (!entries_ || id == 0) return false;
   const BoardEntry& e = entries_[id % RegionBoard::kEntries];
-  const uint64_t before = e.seq.load(std::memory_order_acquire);
+  const uint64_t before = e.seq.load(std::memory_order_seq_cst);
   if (before & 1) return false;
   // Plain reads of words the owner may be rewriting: the sequence check
   // after them discards a torn view.
@@ -93,10 +93,9 @@ bool PeerBoard::check(uint64_t id, uint64_t offset, uint64_t len, uint32_t need,
   v.shared_fd = __atomic_load_n(&e.shared_fd, __ATOMIC_RELAXED);
   v.access = __atomic_load_n(&e.access, __ATOMIC_RELAXED);
   std::atomic_thread_fence(std::memory_order_acquire);
-  if (e.seq.load(std::memory_order_relaxed) != before) return false;
-  if (rid != id || (v.access & need) != need) return false;
-  if (!(offset <= v.size && len <= v.size - offset)) return false;
+  if (e.seq.load(std::memory_order_relaxed) != before || rid != id) return false;
   *out = v;
+  *seq = before;
   return true;
 }
 

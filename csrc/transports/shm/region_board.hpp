@@ -72,9 +72,16 @@ class PeerBoard {
   PeerBoard(const PeerBoard&) = delete;
   PeerBoard& operator=(const PeerBoard&) = delete;
   bool empty() const { return entries_ == nullptr; }
-  // The owner's view of region `id` if it is live, its rights include `need`
-  // and [offset, offset+len) lies inside it; false otherwise.
-  bool check(uint64_t id, uint64_t offset, uint64_t len, uint32_t need, BoardView* out) const;
+  // The owner's view of region `id` if it is live, with the entry's sequence
+  // number at that view; false otherwise. The caller checks rights and
+  // bounds against the view.
+  bool read(uint64_t id, BoardView* out, uint64_t* seq) const;
+  // True while region `id`'s entry has not been rewritten since read()
+  // returned `seq`: the view from then still holds. One load (seq_cst: a
+  // direct write orders it after raising its writer count).
+  bool unchanged(uint64_t id, uint64_t seq) const {
+    return entries_[id % RegionBoard::kEntries].seq.load(std::memory_order_seq_cst) == seq;
+  }
 
  private:
   const BoardEntry* entries_ = nullptr;

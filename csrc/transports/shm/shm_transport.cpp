@@ -68,8 +68,9 @@ struct alignas(64) RingControl {
   char pad3[56];
 };
 
-// Senders of side s raise direct_writers[s] around each direct write into
-// side 1-s's memory; a deregistration on side 1-s waits for it to drop.
+// Side s's sender holds direct_writers[s] at 1 during each direct write into
+// side 1-s's memory (one at a time); a deregistration on side 1-s waits for
+// it to drop to 0.
 struct alignas(64) WriterCount {
   std::atomic<uint32_t> n;
 };
@@ -273,45 +274,107 @@ class ShmStream : public ByteStream {
 
   bool writes_directly() const override { return direct_min_ != UINT64_MAX; }
 
-  bool direct_atomic_add(const RegionDescriptor& target, uint64_t offset, uint64_t add, uint64_t* old) override {
-    if (direct_min_ == UINT64_MAX || target.owner_pid != peer_pid_ || target.shared_fd < 0) return false;
+  // Lines the peer writes only when it sends a frame or closes: while it
+  // writes directly they stay shared in our cache, and a poll is three loads.
+  bool inbound_idle() const override {
+    return rx_->head.load(std::memory_order_relaxed) == rx_->tail.load(std::memory_order_relaxed) &&
+           !rx_->writer_closed.load(std::memory_order_relaxed);
+  }
+
+  DirectResult direct_atomic_add(const RegionDescriptor& target, uint64_t offset, uint64_t add,
+                                 uint64_t* old) override {
+    if (!direct_target(target)) return DirectResult::kRefused;
     DirectWrite write(*this);
-    BoardView v;
-    if (!peer_board_->check(target.region_id, offset, 8, kAccessRemoteAtomic, &v)) return false;
-    if ((v.shared_offset + offset) % 8 != 0) return false;  // atomics need an aligned word
-    char* base = peer_mapping(target.region_id, v);
-    if (!base) return false;
-    auto* word = reinterpret_cast<uint64_t*>(base + v.shared_offset + offset);
-    uint64_t prev = __atomic_fetch_add(word, add, __ATOMIC_SEQ_CST);
+    if (!write.entered) return DirectResult::kBusy;
+    uint64_t* word = checked_word(target, offset);
+    if (!word) return DirectResult::kRefused;
+    const uint64_t prev = __atomic_fetch_add(word, add, __ATOMIC_SEQ_CST);
     if (old) *old = prev;
-    // A peer asleep on our ring would not notice a change that bypassed it.
+    wake_sleeping_reader();
+    return DirectResult::kDone;
+  }
+
+  DirectResult direct_put_signal(const RegionDescriptor& target, uint64_t offset, const void* src, uint64_t len,
+                                 const RemoteWord* signal) override {
+    if (!direct_target(target) || (signal && !direct_target(signal->target))) return DirectResult::kRefused;
+    // The target's board, not the descriptor, says where and whether: a
+    // forged or stale descriptor falls back to the ring and is refused there.
+    // Both ranges are checked before either is written, inside one direct
+    // write, so anything but kDone has written nothing.
+    DirectWrite write(*this);
+    if (!write.entered) return DirectResult::kBusy;
+    char* dst = checked_range(target.region_id, offset, len, kAccessRemoteWrite);
+    if (!dst) return DirectResult::kRefused;
+    uint64_t* word = signal ? checked_word(signal->target, signal->offset) : nullptr;
+    if (signal && !word) return DirectResult::kRefused;
+    std::memcpy(dst, src, len);
+    if (!signal) return DirectResult::kDone;
+    // seq_cst (a locked add on x86): ordered after the data for whoever acquires the word.
+    __atomic_fetch_add(word, signal->add, __ATOMIC_SEQ_CST);
+    wake_sleeping_reader();
+    return DirectResult::kDone;
+  }
+
+ private:
+  // One direct write of this side at a time: its check and copy happen with
+  // this side's writer count at 1, entered by a compare-exchange from 0.
+  // That one locked instruction is both the mutual exclusion of this
+  // process's threads (the kept views and the mappings below are used only
+  // inside) and the full barrier the deregistering owner relies on (its
+  // board store, then its load of the count, against our count store, then
+  // our board load). Leaving needs only release order: a plain store.
+  struct DirectWrite {
+    explicit DirectWrite(ShmStream& s) : count(s.writers_) {
+      uint32_t idle = 0;
+      entered = count->compare_exchange_strong(idle, 1, std::memory_order_seq_cst);
+    }
+    ~DirectWrite() {
+      if (entered) count->store(0, std::memory_order_release);
+    }
+    std::atomic<uint32_t>* count;
+    bool entered = false;
+  };
+
+  bool direct_target(const RegionDescriptor& target) const {
+    return direct_min_ != UINT64_MAX && target.owner_pid == peer_pid_ && target.shared_fd >= 0;
+  }
+
+  // Where [offset, offset+len) of the peer's region `id` is mapped here, if
+  // the peer's board allows `need` there; null otherwise. Call under a
+  // DirectWrite. The view of each recent region is kept with the board
+  // entry's sequence number: while that is unchanged (one load), so is the
+  // entry, and the rights and bounds are checked against the kept view.
+  char* checked_range(uint64_t id, uint64_t offset, uint64_t len, uint32_t need) {
+    KnownRegion& k = known_[id % kKnownRegions];
+    if (k.id != id || !peer_board_->unchanged(id, k.seq)) {
+      k.id = 0;
+      BoardView v;
+      uint64_t seq;
+      if (!peer_board_->read(id, &v, &seq)) return nullptr;
+      char* base = peer_mapping(id, v);
+      if (!base) return nullptr;
+      k = KnownRegion{id, seq, v.size, v.access, base + v.shared_offset};
+    }
+    if ((k.access & need) != need || !(offset <= k.size && len <= k.size - offset)) return nullptr;
+    return k.base + offset;
+  }
+
+  // The aligned u64 at `offset` of the peer's region if its board allows an
+  // atomic there, else null. Call under a DirectWrite.
+  uint64_t* checked_word(const RegionDescriptor& target, uint64_t offset) {
+    char* word = checked_range(target.region_id, offset, 8, kAccessRemoteAtomic);
+    // Mappings are page-aligned: the address is aligned iff the owner's offset is.
+    if (!word || reinterpret_cast<uintptr_t>(word) % 8 != 0) return nullptr;  // atomics need an aligned word
+    return reinterpret_cast<uint64_t*>(word);
+  }
+
+  // A peer asleep on our ring would not notice a change that bypassed it.
+  void wake_sleeping_reader() {
     if (tx_->reader_sleeping.load(std::memory_order_seq_cst)) {
       tx_->data_seq.fetch_add(1, std::memory_order_release);
       futex_wake_all(reinterpret_cast<uint32_t*>(&tx_->data_seq), true);
     }
-    return true;
   }
-
-  bool direct_put(const RegionDescriptor& target, uint64_t offset, const void* src, uint64_t len) override {
-    if (direct_min_ == UINT64_MAX || target.owner_pid != peer_pid_ || target.shared_fd < 0) return false;
-    // The target's board, not the descriptor, says where and whether: a
-    // forged or stale descriptor falls back to the ring and is refused there.
-    DirectWrite write(*this);
-    BoardView v;
-    if (!peer_board_->check(target.region_id, offset, len, kAccessRemoteWrite, &v)) return false;
-    char* base = peer_mapping(target.region_id, v);
-    if (!base) return false;
-    std::memcpy(base + v.shared_offset + offset, src, len);
-    return true;
-  }
-
- private:
-  // Holds this side's writer count across a direct write's check and copy.
-  struct DirectWrite {
-    explicit DirectWrite(ShmStream& s) : count(s.writers_) { count->fetch_add(1, std::memory_order_seq_cst); }
-    ~DirectWrite() { count->fetch_sub(1, std::memory_order_release); }
-    std::atomic<uint32_t>* count;
-  };
 
   void copy_out(char* dst, uint64_t pos, size_t n) const {
     size_t at = static_cast<size_t>(pos & (capacity_ - 1));
@@ -348,6 +411,17 @@ class ShmStream : public ByteStream {
   }
 
   std::map<uint64_t, std::unique_ptr<Mapping>> peer_maps_;  // by peer region id
+  // The views checked_range keeps, direct-mapped by region id (a put and its
+  // signal are two regions). Used inside a DirectWrite only.
+  struct KnownRegion {
+    uint64_t id = 0;  // region ids start at 1: 0 is an empty entry
+    uint64_t seq = 0;
+    uint64_t size = 0;
+    uint32_t access = 0;
+    char* base = nullptr;  // the region's first byte in our mapping
+  };
+  static constexpr size_t kKnownRegions = 4;
+  KnownRegion known_[kKnownRegions];
   uint64_t direct_min_ = UINT64_MAX;
   std::unique_ptr<PeerBoard> peer_board_;
   std::atomic<uint32_t>* writers_ = nullptr;
