@@ -288,6 +288,18 @@ def test_cli_rejects_bad_input_with_status_2(argv, words, capsys):
     assert words in err
 
 
+@pytest.mark.parametrize("argv, words", [(["--workers", "0"], "expected integers >= 1"),
+                                         (["--micro-batches", "x"], "expected comma-separated integers"),
+                                         (["--transports", "udp"], "unknown transport(s)")])
+def test_sweep_rejects_bad_grids(argv, words, capsys):
+    from lamina_net.decode import sweep
+
+    with pytest.raises(SystemExit) as stop:
+        sweep.main(argv)
+    assert stop.value.code == 2
+    assert words in capsys.readouterr().err
+
+
 def test_cli_loopback_check(capsys):
     status, out, _ = _cli_status(["--transport", "loopback", "--check", "--ragged", "--hidden-size", "64",
                                   "--layers", "2", "--heads", "4", "--kv-heads", "2", "--batch", "3",

@@ -146,6 +146,11 @@ def test_cli_json_file_has_offloaded_and_monolithic_measurements(tmp_path, micro
     assert layer["network"] >= layer["network_request"] > 0  # local workers share this host's clock
     assert layer["compute"] == pytest.approx(layer["model_compute"] + layer["attention_compute"])
     assert offloaded["network_samples"]["requests"] == 7 * micro_batches * 2 * 2  # steps x n x layers x workers
+    from lamina_net.decode.sweep import HEADER, table_row
+
+    row = table_row(report)  # the docs' table is made of these rows
+    assert row.startswith(f"| 2 | {micro_batches} | shm | {offloaded['tokens_per_second']:.0f} | ")
+    assert row.count("|") == HEADER.splitlines()[0].count("|")
     if micro_batches == 1:  # nothing to compute meanwhile: replies are waited for, and the legs fit the round trip
         assert 0 < offloaded["network_samples"]["replies"] <= offloaded["network_samples"]["requests"]
         assert layer["network_reply"] > 0

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pipe.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (model and attention workers)")
     pipe.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent worker is an error")
     pipe.add_argument("--worker-threads", type=int, default=1, help="torch threads per local attention worker")
+    pipe.add_argument("--model-threads", type=int, default=1,
+                      help="torch threads of the model worker and of the monolithic reference run (default 1: "
+                           "an intra-op pool that spins on cores shared with the attention workers only slows down)")
     pipe.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                       help="write the measurements (offloaded and monolithic, same run) as one JSON object to PATH; "
                            "no PATH or '-': print it instead of the text report")
@@ -71,7 +74,8 @@ def _validate(args) -> None:
     positive = {"--batch": args.batch, "--prompt-len": args.prompt_len, "--new-tokens": args.new_tokens,
                 "--attention-workers": args.attention_workers, "--micro-batches": args.micro_batches,
                 "--layers": args.layers, "--heads": args.heads, "--kv-heads": args.kv_heads,
-                "--hidden-size": args.hidden_size, "--worker-threads": args.worker_threads}
+                "--hidden-size": args.hidden_size, "--worker-threads": args.worker_threads,
+                "--model-threads": args.model_threads}
     for flag, value in positive.items():
         if value < 1:
             raise UsageProblem(f"{flag} must be >= 1, got {value}")
@@ -143,6 +147,7 @@ def _run(args) -> int:
     from .partition import HeadSplitError, partition_heads
 
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(args.model_threads)
     device = _resolve_device(args.device)
     role = _distributed_role(args)
     if role is not None and role[0] != 0:
