@@ -311,6 +311,7 @@ class Channel:
         # Posted receives keep their buffers alive here until they complete,
         # even if the caller drops the Handle.
         self._pending_recvs: list = []
+        self._final_failure: Optional[str] = None  # failed() once the handle is released
 
     @property
     def peer(self) -> int:
@@ -485,7 +486,7 @@ class Channel:
     def failed(self) -> Optional[str]:
         """The reason this channel failed, or None."""
         if self._handle is None:
-            return None
+            return self._final_failure
         is_failed, why = self._handle.failed()
         return why if is_failed else None
 
@@ -496,6 +497,14 @@ class Channel:
         if self._handle is not None:
             self._handle.close()  # after this the transport writes into no buffer
             self._pending_recvs = []
+            self._release()
+
+    def _release(self) -> None:
+        # A closed channel kept by the caller must not keep its socket, rings
+        # or mappings: the core object goes with this last reference.
+        if self._handle is not None:
+            self._final_failure = self.failed()
+            self._handle = None
 
     def __enter__(self):
         return self
@@ -719,6 +728,8 @@ class Endpoint:
             for region in self._regions:
                 region._handle = None
             self._regions.clear()
+            for channel in self._channels.values():
+                channel._release()
             self._channels.clear()
         self._close_store()
 

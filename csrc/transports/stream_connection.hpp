@@ -210,7 +210,7 @@ class StreamConnection : public Connection {
   bool payload_to_message_ = false;
   OpRef payload_recv_op_;
   uint64_t payload_recv_len_ = 0;
-  bool peer_said_close_ = false;
+  std::atomic<bool> peer_said_close_{false};  // set by the receiver, read by fail() on any thread
   std::vector<char> close_reason_;  // the peer's close frame payload ("refused a PUT: ...")
   static constexpr uint64_t kMaxCloseReason = 1024;
   std::atomic<bool> rx_stalled_{false};  // unexpected-bytes budget exhausted

@@ -157,7 +157,7 @@ class ShmStream : public ByteStream {
   // ring ahead, or a tail past what was written, would make the copy run off
   // the ring. That is a corrupt or hostile peer: the connection fails.
   size_t read_some(void* buf, size_t max, bool* eof) override {
-    const uint64_t tail = rx_tail_;
+    const uint64_t tail = rx_tail_.load(std::memory_order_relaxed);
     uint64_t head = rx_->head.load(std::memory_order_acquire);
     uint64_t avail = head - tail;
     if (avail > capacity_) {
@@ -172,8 +172,8 @@ class ShmStream : public ByteStream {
     }
     size_t n = static_cast<size_t>(std::min<uint64_t>(avail, max));
     copy_out(static_cast<char*>(buf), tail, n);
-    rx_tail_ = tail + n;
-    rx_->tail.store(rx_tail_, std::memory_order_release);
+    rx_tail_.store(tail + n, std::memory_order_relaxed);
+    rx_->tail.store(tail + n, std::memory_order_release);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (rx_->writer_sleeping.load(std::memory_order_relaxed)) {
       rx_->space_seq.fetch_add(1, std::memory_order_release);
@@ -183,7 +183,7 @@ class ShmStream : public ByteStream {
   }
 
   size_t write_some(const struct iovec* iov, int iovcnt) override {
-    const uint64_t head = tx_head_;
+    const uint64_t head = tx_head_.load(std::memory_order_relaxed);
     uint64_t tail = tx_->tail.load(std::memory_order_acquire);
     if (head - tail > capacity_) {
       throw_system("shm peer corrupted its ring: consumed up to " + std::to_string(tail) + " of " +
@@ -199,8 +199,8 @@ class ShmStream : public ByteStream {
       if (n < iov[i].iov_len) break;
     }
     if (written == 0) return 0;
-    tx_head_ = head + written;
-    tx_->head.store(tx_head_, std::memory_order_release);
+    tx_head_.store(head + written, std::memory_order_relaxed);
+    tx_->head.store(head + written, std::memory_order_release);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (tx_->reader_sleeping.load(std::memory_order_relaxed)) {
       tx_->data_seq.fetch_add(1, std::memory_order_release);
@@ -213,7 +213,7 @@ class ShmStream : public ByteStream {
     uint32_t seq = rx_->data_seq.load(std::memory_order_acquire);
     rx_->reader_sleeping.fetch_add(1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    bool ready = rx_->head.load(std::memory_order_acquire) != rx_tail_ ||
+    bool ready = rx_->head.load(std::memory_order_acquire) != rx_tail_.load(std::memory_order_relaxed) ||
                  rx_->writer_closed.load(std::memory_order_acquire) || (ready_check && (*ready_check)());
     if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&rx_->data_seq), seq, timeout_ms, true);
     rx_->reader_sleeping.fetch_sub(1, std::memory_order_relaxed);
@@ -224,7 +224,7 @@ class ShmStream : public ByteStream {
     tx_->writer_sleeping.fetch_add(1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     // A corrupt tail reads as ready: the write then finds and reports it.
-    bool ready = tx_head_ - tx_->tail.load(std::memory_order_acquire) != capacity_;
+    bool ready = tx_head_.load(std::memory_order_relaxed) - tx_->tail.load(std::memory_order_acquire) != capacity_;
     if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&tx_->space_seq), seq, timeout_ms, true);
     tx_->writer_sleeping.fetch_sub(1, std::memory_order_relaxed);
   }
@@ -431,8 +431,9 @@ class ShmStream : public ByteStream {
   int peer_pid_;
   int pidfd_ = -1;
   uint64_t capacity_;
-  uint64_t rx_tail_ = 0;  // bytes consumed from rx (ours alone)
-  uint64_t tx_head_ = 0;  // bytes written to tx (ours alone)
+  // Ours alone; atomic because the waits read them outside the rx/tx locks.
+  std::atomic<uint64_t> rx_tail_{0};  // bytes consumed from rx
+  std::atomic<uint64_t> tx_head_{0};  // bytes written to tx
   uint64_t pull_min_ = UINT64_MAX;
   RingControl* tx_;
   RingControl* rx_;
