@@ -18,6 +18,9 @@ lamina-net (lamina-net GB/s / baseline GB/s, so above 1 is faster):
 * ``gloo`` / ``nccl``: torch.distributed isend/irecv with the same window.
 
 A baseline that cannot run says why in one line and the rest goes on.
+``--repeat R`` runs the sweep R times, lamina-net and the baselines taking
+turns to go first, and reports the median GB/s and the median of the
+rounds' ratios (each round's ratio compares measurements taken together).
 GB/s here is 10^9 bytes per second (``gbps`` in the records).
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +66,9 @@ def add_parser(sub) -> None:
                     help="comma-separated baselines measured alongside: memcpy (shm), tcp-stream (tcp), "
                          "ib_write_bw (verbs), gloo, nccl (needs 2 GPUs); none; or auto (the references of the "
                          "transports measured, gloo when torch is installed, nccl too with 2+ GPUs)")
+    bw.add_argument("--repeat", type=int, default=3,
+                    help="rounds of the whole sweep, lamina-net and the baselines taking turns to go first; the "
+                         "median GB/s and the median of the rounds' ratios are reported (default 3)")
     bw.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     bw.add_argument("--rank", type=int, help="run one rank only (cross-host); needs --store")
     bw.add_argument("--world-size", type=int, default=2)
@@ -388,6 +395,49 @@ def target_lines(records: list[dict]) -> list[str]:
 
 # -------------------------------------------------------------------- main
 
+def _measure_lamina(args, transports: list[str], sizes: list[int]) -> list[dict]:
+    records = []
+    for t in transports:
+        if args.rank is not None:
+            records += bandwidth_rank(args.rank, args.world_size, args.store, t, sizes, args.window,
+                                      args.iterations, args.warmup, args.timeout, f"bench-bw-{t}")
+        else:
+            records += run_local_pair(t, sizes, args.window, args.iterations, args.warmup, args.timeout)
+    return records
+
+
+def _measure_baseline(name: str, args, sizes: list[int]) -> list[dict]:
+    if name in ("memcpy", "tcp-stream"):
+        return run_reference(name, sizes, args.window, args.iterations, args.warmup, args.timeout)
+    if name == "ib_write_bw":
+        return run_ib_write_bw(sizes, args.window, args.iterations, args.timeout)
+    return run_torch(name, sizes, args.window, args.iterations, args.warmup, args.timeout)
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One record per system, transport and size: the median GB/s and the median of the rounds' ratios."""
+    groups: dict[tuple, list[dict]] = {}
+    for records in rounds:
+        for r in records:
+            groups.setdefault((r["system"], r["transport"], r["size_bytes"]), []).append(r)
+    merged = []
+    for runs in groups.values():
+        bad = [r for r in runs if r.get("verified") is False]
+        out = dict(bad[0] if bad else runs[0])
+        out["repeat"] = len(runs)
+        out["gbps_runs"] = [r["gbps"] for r in runs]
+        if "seconds" in out:
+            out.pop("seconds")
+            out["seconds_runs"] = [r["seconds"] for r in runs]
+        for key in [k for k in out if k == "gbps" or k.startswith("ratio_vs_") or k.endswith("_gbps")]:
+            out[key] = statistics.median(r[key] for r in runs if key in r)
+        if "verified" in out:
+            out["verified"] = not bad
+        merged.append(out)
+    return merged
+
+
+
 def run(args) -> int:
     try:
         return _run(args)
@@ -406,32 +456,34 @@ def _run(args) -> int:
         raise UsageError("--iterations and --warmup must be >= 0")
     if not args.timeout > 0:
         raise UsageError("--timeout must be > 0")
+    if args.repeat < 1:
+        raise UsageError("--repeat must be >= 1")
     transports = parse_transports(args.transport)
     if args.rank is not None and not args.store:
         raise UsageError("--rank needs --store host:port")
     baselines, skipped = parse_baselines(args.baseline, transports, cross_host=args.rank is not None)
-    records = []
-    for t in transports:
-        if args.rank is not None:
-            records += bandwidth_rank(args.rank, args.world_size, args.store, t, sizes, args.window,
-                                      args.iterations, args.warmup, args.timeout, f"bench-bw-{t}")
-        else:
-            records += run_local_pair(t, sizes, args.window, args.iterations, args.warmup, args.timeout)
+    failing: set[str] = set()
+    rounds = []
+    for i in range(args.repeat):
+        # lamina-net first in even rounds, the baselines first in odd ones: a shared machine's load
+        # changes for seconds at a time, and each round's ratios compare measurements taken together.
+        got: dict[str, list[dict]] = {}
+        for part in (["lamina-net"] + baselines)[::1 if i % 2 == 0 else -1]:
+            if part == "lamina-net":
+                got[part] = _measure_lamina(args, transports, sizes)
+            elif part not in failing and (args.rank is None or args.rank == 0):
+                try:
+                    got[part] = _measure_baseline(part, args, sizes)
+                except (RuntimeError, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
+                    failing.add(part)
+                    skipped.append(f"baseline {part}: failed, {' '.join(str(e).split())[:200]}")
+        for name in baselines:
+            if name in got:
+                attach_ratios(got["lamina-net"], got[name], name)
+        rounds.append([r for records in got.values() for r in records])
     if args.rank is not None and args.rank != 0:
         return 0
-    for name in baselines:
-        try:
-            if name in ("memcpy", "tcp-stream"):
-                base = run_reference(name, sizes, args.window, args.iterations, args.warmup, args.timeout)
-            elif name == "ib_write_bw":
-                base = run_ib_write_bw(sizes, args.window, args.iterations, args.timeout)
-            else:
-                base = run_torch(name, sizes, args.window, args.iterations, args.warmup, args.timeout)
-        except (RuntimeError, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
-            skipped.append(f"baseline {name}: failed, {' '.join(str(e).split())[:200]}")
-            continue
-        attach_ratios(records, base, name)
-        records += base
+    records = merge_rounds(rounds)
     print_table(records)
     for line in skipped + target_lines(records):
         print(line)
@@ -442,4 +494,3 @@ def _run(args) -> int:
         print(f"{r['transport']} {r['size_bytes']} B: the bytes did not arrive intact (first bad offset "
               f"{r['first_bad_offset']}, {r['signals_seen']} windows signalled)", file=sys.stderr)
     return 1 if failed else 0
-

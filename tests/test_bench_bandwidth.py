@@ -23,7 +23,8 @@ def test_tcp_and_shm_end_to_end_with_references(tmp_path):
     # 3 B: shorter than the stamp word; 4099 B: not a multiple of 8; 40000 B: above shm's 32 KiB ring copy.
     sizes = [3, 4099, 40000]
     proc = _bench("--transport", "tcp,shm", "--sizes", ",".join(map(str, sizes)), "--window", "4",
-                  "--iterations", "30", "--warmup", "5", "--baseline", "memcpy,tcp-stream", "--json", str(path))
+                  "--iterations", "30", "--warmup", "5", "--baseline", "memcpy,tcp-stream", "--repeat", "1",
+                  "--json", str(path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = json.loads(path.read_text())
     ours = [r for r in records if r["system"] == "lamina-net"]
@@ -34,8 +35,8 @@ def test_tcp_and_shm_end_to_end_with_references(tmp_path):
         assert r["iterations"] == 32  # 30 puts rounded up to whole windows of 4
         assert r["verified"] is True and r["first_bad_offset"] == -1
         assert r["signals_seen"] == 8 + 2  # measured windows + warm-up windows (5 puts -> 2 windows)
-        assert r["gbps"] > 0 and r["seconds"] > 0
-        assert r["gbps"] == pytest.approx(r["size_bytes"] * r["iterations"] / r["seconds"] / 1e9)
+        assert r["gbps"] > 0 and r["repeat"] == 1 and r["gbps_runs"] == [r["gbps"]]
+        assert r["gbps"] == pytest.approx(r["size_bytes"] * r["iterations"] / r["seconds_runs"][0] / 1e9)
         reference = "memcpy" if r["transport"] == "shm" else "tcp_stream"
         assert r[f"ratio_vs_{reference}"] == pytest.approx(r["gbps"] / r[f"{reference}_gbps"])
         other = "tcp_stream" if r["transport"] == "shm" else "memcpy"
@@ -50,7 +51,7 @@ def test_torch_baseline_gloo(tmp_path):
     pytest.importorskip("torch", reason="the gloo baseline needs torch")
     path = tmp_path / "bw.json"
     proc = _bench("--transport", "tcp", "--sizes", "4096", "--window", "8", "--iterations", "64", "--warmup", "8",
-                  "--baseline", "gloo", "--json", str(path))
+                  "--baseline", "gloo", "--repeat", "1", "--json", str(path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = json.loads(path.read_text())
     gloo = [r for r in records if r["system"] == "gloo"]
@@ -59,9 +60,26 @@ def test_torch_baseline_gloo(tmp_path):
     assert ours[0]["ratio_vs_gloo"] == pytest.approx(ours[0]["gbps"] / gloo[0]["gbps"])
 
 
+def test_repeated_rounds_report_medians(tmp_path):
+    path = tmp_path / "bw.json"
+    proc = _bench("--transport", "shm", "--sizes", "65536", "--window", "4", "--iterations", "16", "--warmup", "4",
+                  "--baseline", "memcpy", "--repeat", "3", "--json", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ours, memcpy = sorted(json.loads(path.read_text()), key=lambda r: r["system"])
+    assert ours["system"] == "lamina-net" and memcpy["system"] == "memcpy"
+    for r in (ours, memcpy):
+        assert r["repeat"] == 3 and len(r["gbps_runs"]) == 3
+        assert r["gbps"] == sorted(r["gbps_runs"])[1]
+    assert len(ours["seconds_runs"]) == 3 and ours["verified"] is True
+    assert ours["memcpy_gbps"] == memcpy["gbps"]
+    # The ratio is the median of the rounds' own ratios, so it lies within theirs.
+    assert min(g / m for g, m in zip(ours["gbps_runs"], memcpy["gbps_runs"])) <= ours["ratio_vs_memcpy"]
+    assert ours["ratio_vs_memcpy"] <= max(g / m for g, m in zip(ours["gbps_runs"], memcpy["gbps_runs"]))
+
+
 def test_a_baseline_that_cannot_run_says_why_and_the_rest_goes_on(tmp_path):
     proc = _bench("--transport", "shm", "--sizes", "64", "--window", "2", "--iterations", "8", "--warmup", "0",
-                  "--baseline", "memcpy,ib_write_bw")
+                  "--baseline", "memcpy,ib_write_bw", "--repeat", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "baseline ib_write_bw: not run, it is the reference of verbs, which is not measured" in proc.stdout
     assert "vs memcpy" in proc.stdout
@@ -90,6 +108,7 @@ def test_the_receivers_check_catches_wrong_bytes():
     (["--baseline", "none,gloo"], "excludes"),
     (["--iterations", "-1"], "--iterations"),
     (["--timeout", "0"], "--timeout"),
+    (["--repeat", "0"], "--repeat"),
     (["--rank", "0"], "--store"),
 ])
 def test_bad_arguments_give_a_clear_error(argv, message):
