@@ -74,7 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rate.add_argument("--store", help="host:port of the store (rank 0 hosts it)")
     rate.add_argument("--timeout", type=float, default=60.0, help="bound in seconds for each wait")
 
-    from . import bench_exchange, bench_report  # exchange; compare and table of saved runs
+    # Here, not at the top: these modules import this one's helpers.
+    from . import bench_bandwidth, bench_exchange, bench_report  # compare and table of saved runs
+    bench_bandwidth.add_parser(sub)
     bench_exchange.add_arguments(sub)
     bench_report.add_arguments(sub)
 
@@ -399,6 +401,9 @@ def run(args) -> int:
         from . import bench_exchange, bench_report
         return {"exchange": bench_exchange.run_exchange, "compare": bench_report.run_compare,
                 "table": bench_report.run_table}[args.bench](args)
+    if args.bench == "bandwidth":
+        from . import bench_bandwidth
+        return bench_bandwidth.run(args)
     return run_latency(args)
 
 

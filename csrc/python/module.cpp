@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "channels/bandwidth.hpp"
 #include "channels/endpoint.hpp"
 #include "channels/pingpong.hpp"
 #include "common/error.hpp"
@@ -119,6 +120,21 @@ PYBIND11_MODULE(_core, m) {
     std::string why;
     bool ok = verbs_available(&why);
     return py::make_tuple(ok, why);
+  });
+
+  // The bandwidth stream's byte pattern, for tests of its integrity check.
+  m.def("bandwidth_pattern", [](uint64_t size, uint64_t stamp) {
+    std::string out(size, '\0');
+    fill_bandwidth_pattern(out.data(), size, stamp);
+    return py::bytes(out);
+  });
+  m.def("check_bandwidth_pattern", [](const py::buffer& data, uint64_t stamp) {
+    py::buffer_info info = data.request();
+    if (info.ndim != 1 || info.strides[0] != info.itemsize) {
+      throw_usage("check_bandwidth_pattern: needs contiguous 1-D data");
+    }
+    const auto nbytes = static_cast<uint64_t>(info.size * info.itemsize);
+    return check_bandwidth_pattern(static_cast<const char*>(info.ptr), nbytes, stamp);
   });
 
   m.attr("DEVICE_CHANNEL_BYTES") = sizeof(DeviceChannel);
@@ -341,6 +357,34 @@ PYBIND11_MODULE(_core, m) {
              fill_rounds(c, op, size, iterations, warmup, initiator, timeout, signal_base);
              py::gil_scoped_release release;
              return run_pingpong(ep, ch, c, buffer, signal, remote_buffer, remote_signal);
+           })
+      // The windowed put stream of `bench bandwidth` (channels/bandwidth.hpp):
+      // returns {seconds, bytes, puts, verified, first_bad, signals_seen}.
+      .def("bandwidth",
+           [](Endpoint& ep, Channel& ch, uint64_t size, int window, int iterations, int warmup, bool sender,
+              double timeout, Region& buffer, Region& signal, const RegionDescriptor& remote_buffer,
+              const RegionDescriptor& remote_signal, uint64_t signal_base) {
+             BandwidthConfig c;
+             c.size = size;
+             c.window = window;
+             c.iterations = iterations;
+             c.warmup = warmup;
+             c.sender = sender;
+             c.timeout_s = timeout;
+             c.signal_base = signal_base;
+             BandwidthResult r;
+             {
+               py::gil_scoped_release release;
+               r = run_bandwidth(ep, ch, c, buffer, signal, remote_buffer, remote_signal);
+             }
+             py::dict d;
+             d["seconds"] = r.seconds;
+             d["bytes"] = r.bytes;
+             d["puts"] = r.puts;
+             d["verified"] = r.verified;
+             d["first_bad"] = r.first_bad;
+             d["signals_seen"] = r.signals_seen;
+             return d;
            })
       // The device-API paths of the benchmarks (csrc/proxy/device_pingpong.hpp):
       // returns (round-trip ns per measured iteration, {device_path, executed, parks, flushes}).
