@@ -491,6 +491,17 @@ void Endpoint::wait_signal(const Region& region, uint64_t offset, uint64_t value
       if (__atomic_load_n(word, __ATOMIC_ACQUIRE) >= value) return;
     }
   }
+  // Marked as waiting, a connection that only notices a dead peer by
+  // sending (verbs) probes it, so the wait ends with the death, not the bound.
+  struct WaiterMark {
+    std::span<Connection* const> marked;
+    explicit WaiterMark(std::span<Connection* const> c) : marked(c) {
+      for (Connection* x : marked) x->note_signal_waiter(+1);
+    }
+    ~WaiterMark() {
+      for (Connection* x : marked) x->note_signal_waiter(-1);
+    }
+  } mark(drive);
   wait_until(reached, Deadline::after_seconds_from_first_look(bound), drive, sparse);
   uint64_t seen = __atomic_load_n(word, __ATOMIC_ACQUIRE);
   if (seen >= value) return;

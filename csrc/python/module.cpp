@@ -18,6 +18,7 @@
 #include "proxy/device_pingpong.hpp"
 #include "proxy/device_proxy.hpp"
 #include "transports/factory.hpp"
+#include "transports/rendezvous.hpp"
 
 namespace py = pybind11;
 using namespace lamina;
@@ -135,6 +136,20 @@ PYBIND11_MODULE(_core, m) {
     }
     const auto nbytes = static_cast<uint64_t>(info.size * info.itemsize);
     return check_bandwidth_pattern(static_cast<const char*>(info.ptr), nbytes, stamp);
+  });
+
+  // The store rendezvous of the verbs connect, for tests that plant stale records.
+  m.def("rendezvous", [](py::object store, const std::string& prefix, int self_rank, int peer_rank,
+                         const py::bytes& blob, double timeout) {
+    PyStore kv(std::move(store));
+    RendezvousResult r;
+    {
+      py::gil_scoped_release release;
+      r = rendezvous(kv, prefix, self_rank, peer_rank, std::string(blob), Deadline::after_seconds(timeout),
+                     "rendezvous");
+      rendezvous_barrier(kv, prefix, self_rank, peer_rank, r, "done", Deadline::after_seconds(timeout), "rendezvous");
+    }
+    return py::make_tuple(py::bytes(r.peer_blob), r.self_nonce, r.peer_nonce);
   });
 
   m.attr("DEVICE_CHANNEL_BYTES") = sizeof(DeviceChannel);

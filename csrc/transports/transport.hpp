@@ -215,6 +215,11 @@ class Connection {
   // for zero-copy (GPU memory, or above the size it inlines or stages);
   // byte-stream transports never do, and skip the lookup.
   virtual bool needs_source_region(uint64_t len, bool device) const { return true; }
+  // A thread starts (+1) or stops (-1) waiting for the peer to change local
+  // memory (a signal word). Transports that notice a dead peer only when they
+  // send (verbs: the NIC's retries) probe it meanwhile, so such a wait fails
+  // with the peer's death instead of running into its own timeout.
+  virtual void note_signal_waiter(int delta) { (void)delta; }
   // Idempotent. Pending operations fail with "connection closed".
   virtual void close() = 0;
   // True once the connection failed or closed; *why gets the first reason.

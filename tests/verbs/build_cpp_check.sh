@@ -8,7 +8,7 @@ mkdir -p "$out"
 sources=(
   tests/verbs/cpp/verbs_transport_check.cpp
   csrc/common/error.cpp csrc/common/log.cpp csrc/common/settings.cpp csrc/common/clock.cpp
-  csrc/memory/region.cpp
+  csrc/memory/region.cpp csrc/transports/rendezvous.cpp
 )
 # shellcheck disable=SC1091
 mapfile -t verbs_sources < <(sed -n 's|^ *\(csrc/transports/verbs/[a-z_]*\.cpp\)$|\1|p' csrc/transports/verbs/sources.cmake)

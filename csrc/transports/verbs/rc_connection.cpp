@@ -17,6 +17,7 @@
 #include "common/error.hpp"
 #include "common/log.hpp"
 #include "common/threads.hpp"
+#include "transports/rendezvous.hpp"
 #include "transports/verbs/verbs_settings.hpp"
 
 namespace lamina::verbs {
@@ -88,10 +89,6 @@ class Reader {
   size_t pos_ = 0;
   bool ok_ = true;
 };
-
-std::string store_key(const ConnectParams& params, int rank, const char* what) {
-  return params.key_prefix + "/" + std::to_string(rank) + "/verbs/" + what;
-}
 
 uint32_t random_psn() {
   std::random_device device;
@@ -357,15 +354,13 @@ std::unique_ptr<RcConnection> RcConnection::connect(std::shared_ptr<VerbsDevice>
   connection->create_queue_pair();
 
   const std::string peer_name = "rank " + std::to_string(params.peer_rank);
-  params.store->set(store_key(params, params.self_rank, "qp"), connection->local_info().serialize());
-  std::string blob;
-  try {
-    blob = params.store->get(store_key(params, params.peer_rank, "qp"), params.deadline);
-  } catch (const Error& e) {
-    if (e.kind() != ErrorKind::kTimeout) throw;
-    throw_timeout("verbs connect: " + peer_name + " did not publish its QP info in time (" + e.what() + ")");
-  }
-  const RcEndpointInfo peer = RcEndpointInfo::deserialize(blob, params.peer_rank);
+  // The QP info goes through a rendezvous that ignores what an earlier
+  // process of the peer's rank (or a failed channel being replaced) left in
+  // the store: connecting to that QP would only fail at the first write.
+  const std::string prefix = params.key_prefix + "/verbs";
+  const RendezvousResult agreed = rendezvous(*params.store, prefix, params.self_rank, params.peer_rank,
+                                             connection->local_info().serialize(), params.deadline, "verbs connect");
+  const RcEndpointInfo peer = RcEndpointInfo::deserialize(agreed.peer_blob, params.peer_rank);
   if (peer.secret_hi != params.group_secret_hi || peer.secret_lo != params.group_secret_lo) {
     throw_system("verbs connect: " + peer_name + " belongs to a different endpoint group (secret mismatch)");
   }
@@ -373,13 +368,8 @@ std::unique_ptr<RcConnection> RcConnection::connect(std::shared_ptr<VerbsDevice>
 
   // Both QPs must be past RTR before either side sends, or the first packets
   // would be dropped and retried until the transport gives up.
-  params.store->set(store_key(params, params.self_rank, "ready"), "1");
-  try {
-    params.store->get(store_key(params, params.peer_rank, "ready"), params.deadline);
-  } catch (const Error& e) {
-    if (e.kind() != ErrorKind::kTimeout) throw;
-    throw_timeout("verbs connect: " + peer_name + " did not bring its QP up in time (" + e.what() + ")");
-  }
+  rendezvous_barrier(*params.store, prefix, params.self_rank, params.peer_rank, agreed, "rtr", params.deadline,
+                     "verbs connect");
   LAMINA_DEBUG("verbs: rank " + std::to_string(params.self_rank) + " connected to " + peer_name + " via " +
                connection->device_->description() + ", qpn " + std::to_string(connection->qp_->qp_num) + " -> " +
                std::to_string(peer.qpn) + ", inline " + std::to_string(connection->max_inline_));
@@ -785,7 +775,7 @@ void RcConnection::return_credits_locked() {
 
 void RcConnection::maybe_probe_locked() {
   if (config_.keepalive_ms == 0 || send_queue_free() == 0) return;
-  if (pending_recvs_.empty() && !waiting_for_peer_) return;
+  if (pending_recvs_.empty() && !waiting_for_peer_ && signal_waiters_.load(std::memory_order_relaxed) == 0) return;
   // Posts are counted (next_seq_), not timed: the clock is read here, while
   // someone waits, instead of on every post.
   const uint64_t now = coarse_now_ns();

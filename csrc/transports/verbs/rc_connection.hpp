@@ -50,8 +50,9 @@
 //
 // Failure: a work completion with an error status fails the connection with
 // ibv_wc_status_str text (never read as "not done yet"); the QP is moved to
-// the error state so the peer notices too. While receives or senders wait and
-// their progress saw nothing posted for IB_KEEPALIVE_MS (posts are counted,
+// the error state so the peer notices too. While receives, senders or
+// signal waiters (note_signal_waiter) wait and their progress saw nothing
+// posted for IB_KEEPALIVE_MS (posts are counted,
 // not timed: no clock read per post), a zero-length WRITE probes the
 // peer, so a peer that died is detected by the transport retry
 // limit ((IB_RETRY_CNT + 1) x 4.096us x 2^IB_TIMEOUT, ~0.5 s by default).
@@ -165,6 +166,7 @@ class RcConnection final : public Connection {
   // RDMA writes and atomics land in our memory with no completion here.
   bool writes_directly() const override { return true; }
   bool inbound_writes_need_no_progress() const override { return true; }
+  void note_signal_waiter(int delta) override { signal_waiters_.fetch_add(delta, std::memory_order_relaxed); }
   // Host sources up to stage_max_ are inlined or staged and need no lkey
   // (saves the region lookup); larger registered ones go zero-copy.
   bool needs_source_region(uint64_t len, bool device) const override { return device || len > stage_max_; }
@@ -309,6 +311,7 @@ class RcConnection final : public Connection {
   uint64_t credits_announced_ = 0; // last count written to the peer
   bool credit_write_in_flight_ = false;
   bool waiting_for_peer_ = false;  // a poster waits for credits: keep probing
+  std::atomic<int> signal_waiters_{0};  // threads waiting for a signal word from the peer: keep probing
   std::deque<ArrivedFragment> arrived_;
   std::deque<PendingRecv> pending_recvs_;
   std::optional<InboundMessage> inbound_;
