@@ -25,7 +25,6 @@ GB/s here is 10^9 bytes per second (``gbps`` in the records).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import bench_report
 from .bench_cli import (_available_transports, _free_port, _parse_sizes, _report, _run_pair, reference_binary)
 from .errors import UsageError
 
@@ -70,6 +70,7 @@ def add_parser(sub) -> None:
                     help="rounds of the whole sweep, lamina-net and the baselines taking turns to go first; the "
                          "median GB/s and the median of the rounds' ratios are reported (default 3)")
     bw.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    bw.add_argument("--plot", metavar="PATH.png", help="plot GB/s against size, one line per system")
     bw.add_argument("--rank", type=int, help="run one rank only (cross-host); needs --store")
     bw.add_argument("--world-size", type=int, default=2)
     bw.add_argument("--store", help="host:port of the store (rank 0 hosts it)")
@@ -487,8 +488,7 @@ def _run(args) -> int:
     print_table(records)
     for line in skipped + target_lines(records):
         print(line)
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2))
+    bench_report.emit(records, args, "bandwidth")
     failed = [r for r in records if r["system"] == "lamina-net" and not r["verified"]]
     for r in failed:
         print(f"{r['transport']} {r['size_bytes']} B: the bytes did not arrive intact (first bad offset "

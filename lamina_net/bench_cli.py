@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._local_world import local_world_size
+
 DEFAULT_SIZES = [8, 64, 512, 4096, 32768, 65536, 262144, 1048576]
 PATHS = ("host", "device")
 
@@ -191,8 +193,9 @@ def _run_pair(target, args_of_rank, what: str, wait_s: float, nranks: int = 2) -
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=target, args=(queue, *args_of_rank(r))) for r in range(nranks)]
-    for p in procs:
-        p.start()
+    with local_world_size(nranks):  # the children inherit it
+        for p in procs:
+            p.start()
     results = []
     deadline = time.monotonic() + wait_s
     try:

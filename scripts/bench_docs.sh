@@ -3,9 +3,9 @@
 # set per benchmark (NAME.json records, NAME.md table with hardware, date and
 # command, NAME.png plot), overwriting the previous ones; git keeps the history.
 #
-#   bash scripts/bench_docs.sh            # latency, exchange, api-overheads (this machine)
+#   bash scripts/bench_docs.sh            # latency, bandwidth, exchange, api-overheads (this machine)
 #   bash scripts/bench_docs.sh --verbs    # also the verbs/perftest comparison, in the Soft-RoCE guest (~30 min)
-#   bash scripts/bench_docs.sh --only exchange   # one of: latency, exchange, api-overheads, verbs
+#   bash scripts/bench_docs.sh --only exchange   # one of: latency, bandwidth, exchange, api-overheads, verbs
 #
 # Run it on an otherwise idle machine: the figures are ratios measured side by
 # side, but a busy machine widens the spread. Needs scripts/setup.sh first.
@@ -14,12 +14,12 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 out=docs/bench
 [ -x "$py" ] || { echo "bench_docs: no .venv; run scripts/setup.sh first" >&2; exit 1; }
-want="latency exchange api-overheads"
+want="latency bandwidth exchange api-overheads"
 case "${1:-}" in
   --verbs) want="$want verbs" ;;
   --only) want="${2:?--only needs a benchmark name}" ;;
   "") ;;
-  *) echo "usage: $0 [--verbs | --only latency|exchange|api-overheads|verbs]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--verbs | --only latency|bandwidth|exchange|api-overheads|verbs]" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
@@ -59,6 +59,11 @@ for name in $want; do
       cmd="lamina-net bench latency --json $out/latency.json --plot $out/latency.png"
       "$py" -m lamina_net bench latency --json "$out/latency.json" --plot "$out/latency.png" | tee "$tmp/printed"
       write_md latency "$cmd" "$tmp/printed" "$before" ;;
+    bandwidth)
+      before=$(load)
+      cmd="lamina-net bench bandwidth --json $out/bandwidth.json --plot $out/bandwidth.png"
+      "$py" -m lamina_net bench bandwidth --json "$out/bandwidth.json" --plot "$out/bandwidth.png" | tee "$tmp/printed"
+      write_md bandwidth "$cmd" "$tmp/printed" "$before" ;;
     exchange)
       before=$(load)
       cmd="lamina-net bench exchange --model llama3-70b --batch 1,32,300 --attention-ranks 2 --json $out/exchange.json --plot $out/exchange.png"

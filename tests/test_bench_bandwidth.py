@@ -24,8 +24,9 @@ def test_tcp_and_shm_end_to_end_with_references(tmp_path):
     sizes = [3, 4099, 40000]
     proc = _bench("--transport", "tcp,shm", "--sizes", ",".join(map(str, sizes)), "--window", "4",
                   "--iterations", "30", "--warmup", "5", "--baseline", "memcpy,tcp-stream", "--repeat", "1",
-                  "--json", str(path))
+                  "--json", str(path), "--plot", str(tmp_path / "bw.png"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "bw.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = json.loads(path.read_text())
     ours = [r for r in records if r["system"] == "lamina-net"]
     assert sorted((r["transport"], r["size_bytes"]) for r in ours) == sorted(

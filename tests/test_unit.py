@@ -2,6 +2,7 @@
 import array
 import builtins
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -212,6 +213,35 @@ def test_torch_store_is_accepted():
 def test_settings_registry_lists_every_tunable():
     names = {s[0] for s in _core.settings()}
     assert {"TIMEOUT", "SPIN_US", "SHM_RING_BYTES", "TCP_BUFFER", "IB_DEVICE"} <= names
+
+
+def test_spin_window_stops_spinning_when_the_job_oversubscribes_the_host(monkeypatch):
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LAMINA_NET_SPIN_US", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert _core.spin_window_us() == 100
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus))
+    assert _core.spin_window_us() == 100
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus + 1))
+    assert _core.spin_window_us() == 0
+    monkeypatch.setenv("LAMINA_NET_SPIN_US", "7")  # an explicit value wins
+    assert _core.spin_window_us() == 7
+    monkeypatch.setenv("LAMINA_NET_SPIN_US", "-1")
+    with pytest.raises(ln.UsageError, match="SPIN_US"):
+        _core.spin_window_us()
+
+
+def test_local_launchers_say_how_many_ranks_share_the_host(monkeypatch):
+    from lamina_net._local_world import local_world_size
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with local_world_size(3):
+        assert os.environ["LOCAL_WORLD_SIZE"] == "3"
+    assert "LOCAL_WORLD_SIZE" not in os.environ
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun's value stays
+    with local_world_size(3):
+        assert os.environ["LOCAL_WORLD_SIZE"] == "8"
+    assert os.environ["LOCAL_WORLD_SIZE"] == "8"
 
 
 def test_cli_info_and_bench_json(tmp_path):

@@ -247,7 +247,7 @@ Endpoint::Endpoint(const EndpointOptions& options, std::shared_ptr<KeyValueStore
   for (const auto& t : options_.transports) {
     if (t != "tcp" && t != "shm" && t != "verbs") throw_usage("unknown transport '" + t + "'");
   }
-  spin_cycles_ = cycles_for_ns(static_cast<uint64_t>(setting_int("SPIN_US")) * 1000);
+  spin_cycles_ = cycles_for_ns(spin_window_us() * 1000);
   prefix_ = "ln/" + options_.group;
   group_id_ = hash_string(options_.group);
   host_id_ = local_host_id();

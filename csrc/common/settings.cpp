@@ -1,5 +1,7 @@
 #include "common/settings.hpp"
 
+#include <sched.h>
+
 #include <cstdlib>
 
 #include "common/error.hpp"
@@ -17,7 +19,7 @@ const std::vector<SettingInfo>& all_settings() {
       {"SHM_RING_BYTES", "4194304", "bytes of each direction's shared-memory ring"},
       {"SHM_DIRECT_MIN", "0", "puts of at least this many bytes into a peer's shared allocation (Endpoint.alloc) are one memcpy straight into its memory, and signals/atomics there one atomic add (-1: never)"},
       {"SHM_SINGLE_COPY_MIN", "32768", "puts of at least this many bytes go straight into the peer's memory (process_vm_writev) instead of through the ring"},
-      {"SPIN_US", "100", "microseconds a waiting thread spins before it sleeps"},
+      {"SPIN_US", "auto", "microseconds a waiting thread spins before it sleeps (auto: 100, or 0 when LOCAL_WORLD_SIZE says this host runs more ranks than this process has CPUs)"},
       {"PROXY_SPIN_US", "200", "microseconds the device proxy spins on an empty ring of CPU producers before it sleeps until the next doorbell (rings of GPU producers never sleep)"},
       {"DEVICE_RING_SLOTS", "1024", "descriptor slots of a device channel's ring (a power of two)"},
       {"MAX_UNEXPECTED_BYTES", "67108864", "bytes of received messages buffered per channel before a matching recv is posted; beyond it the sender is back-pressured"},
@@ -71,6 +73,21 @@ double setting_double(const std::string& name) {
   } catch (const std::exception&) {
     throw_usage("LAMINA_NET_" + name + "='" + v + "' is not a number");
   }
+}
+
+uint64_t spin_window_us() {
+  const std::string v = setting_string("SPIN_US");
+  if (v != "auto") {
+    const int64_t us = setting_int("SPIN_US");
+    if (us < 0) throw_usage("LAMINA_NET_SPIN_US='" + v + "' must be >= 0 or auto");
+    return static_cast<uint64_t>(us);
+  }
+  const char* local = std::getenv("LOCAL_WORLD_SIZE");
+  long ranks = local && *local ? std::strtol(local, nullptr, 10) : 0;
+  cpu_set_t cpus;
+  CPU_ZERO(&cpus);
+  const int usable = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 0;
+  return ranks > 0 && usable > 0 && ranks > usable ? 0 : 100;
 }
 
 }  // namespace lamina

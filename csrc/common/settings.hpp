@@ -25,4 +25,10 @@ std::string setting_string(const std::string& name);
 int64_t setting_int(const std::string& name);
 double setting_double(const std::string& name);
 
+// LAMINA_NET_SPIN_US as a number. "auto" (the default) is 100 us, or 0 when
+// the host is oversubscribed by the job itself: LOCAL_WORLD_SIZE (torchrun's,
+// and lamina-net's local launchers') is above the CPUs this process may run
+// on. A spinning waiter then takes the core that the rank it waits for needs.
+uint64_t spin_window_us();
+
 }  // namespace lamina

@@ -117,6 +117,7 @@ PYBIND11_MODULE(_core, m) {
     for (const auto& s : all_settings()) out.emplace_back(s.name, s.default_value, setting_string(s.name), s.description);
     return out;
   });
+  m.def("spin_window_us", &spin_window_us);  // LAMINA_NET_SPIN_US resolved (auto: from LOCAL_WORLD_SIZE)
   m.def("verbs_available", [] {
     std::string why;
     bool ok = verbs_available(&why);

@@ -31,7 +31,8 @@ StreamConnection::StreamConnection(const char* transport_name, int peer_rank, st
       regions_(regions),
       on_inbound_(std::move(on_inbound)),
       staging_(kStagingBytes),
-      max_unexpected_bytes_(static_cast<uint64_t>(setting_int("MAX_UNEXPECTED_BYTES"))) {
+      max_unexpected_bytes_(static_cast<uint64_t>(setting_int("MAX_UNEXPECTED_BYTES"))),
+      spin_ns_(spin_window_us() * 1000) {
   peer_rank_ = peer_rank;
   direct_min_ = stream_->direct_put_threshold();
 }
@@ -97,7 +98,7 @@ namespace {
 
 // Waits inside the transport (local completion of a pull-put), driving progress.
 void wait_local(StreamConnection& conn, const OpRef& op, Deadline deadline, const std::string& what) {
-  Backoff backoff(static_cast<uint64_t>(setting_int("SPIN_US")) * 1000);
+  Backoff backoff(conn.spin_ns());
   while (!op->done()) {
     if (!conn.progress()) {
       if (deadline.expired()) throw_timeout(what);
@@ -817,18 +818,25 @@ bool StreamConnection::progress_step(bool external) {
     did = drain_locked();
     rx_mutex_.unlock();
   }
+  if (did && inbound_sleepers_.load(std::memory_order_seq_cst) > 0) stream_->wake();
   if (control_pending_.load(std::memory_order_acquire)) did |= try_flush_control();
   return did;
 }
 
 void StreamConnection::wait_inbound(int timeout_ms) {
   if (failed_.load(std::memory_order_acquire)) return;
+  inbound_sleepers_.fetch_add(1, std::memory_order_seq_cst);
   stream_->wait_readable(timeout_ms);
+  inbound_sleepers_.fetch_sub(1, std::memory_order_relaxed);
 }
 
 void StreamConnection::wait_inbound_until(int timeout_ms, const std::function<bool()>& ready) {
   if (failed_.load(std::memory_order_acquire)) return;
+  // Counted before ready() is checked: a drain that applies what ready()
+  // waits for after that check sees the count and wakes the stream.
+  inbound_sleepers_.fetch_add(1, std::memory_order_seq_cst);
   stream_->wait_readable(timeout_ms, &ready);
+  inbound_sleepers_.fetch_sub(1, std::memory_order_relaxed);
 }
 
 void StreamConnection::stop_driving() {

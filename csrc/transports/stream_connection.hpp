@@ -104,6 +104,7 @@ class StreamConnection : public Connection {
   bool cancel_recv(const OpRef& op) override;
   void post_flush(const OpRef& done, Deadline deadline) override;
   bool progress() override;
+  uint64_t spin_ns() const { return spin_ns_; }  // how long its own waits spin before they sleep
   bool needs_source_region(uint64_t, bool) const override { return false; }
   void stop_driving() override;
   void wait_inbound(int timeout_ms) override;
@@ -224,6 +225,7 @@ class StreamConnection : public Connection {
   std::deque<std::vector<char>> unexpected_;
   uint64_t unexpected_bytes_ = 0;
   uint64_t max_unexpected_bytes_;
+  uint64_t spin_ns_;
 
   // failure / lifetime
   mutable std::mutex fail_mutex_;
@@ -236,6 +238,10 @@ class StreamConnection : public Connection {
   std::atomic<uint64_t> external_ticks_{0};
   std::atomic<bool> driver_stopped_{false};
   std::atomic<uint32_t> idle_wake_{0};  // wakes the progress thread when a driver stops
+  // Threads asleep in wait_inbound*: whoever drains inbound work wakes them,
+  // or one that checked before another thread drained and applied it would
+  // sleep its whole slice with the data already delivered.
+  std::atomic<int> inbound_sleepers_{0};
   std::thread progress_thread_;
 };
 

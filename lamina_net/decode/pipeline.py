@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._local_world import local_world_size
 from .link import ChannelLink, Link, LoopbackLink, PipelineError
 from .model_worker import DecodeStats, ModelWorker, WorkerStats
 from .protocol import Kind
@@ -59,6 +60,7 @@ class LocalCluster:
         store = f"127.0.0.1:{free_port()}"
         group = f"lamina-decode-{uuid.uuid4().hex[:8]}"
         env = dict(os.environ, LAMINA_DECODE_WORKER_THREADS=str(threads_per_worker))
+        env.setdefault("LOCAL_WORLD_SIZE", str(count + 1))  # every rank on this host (see _local_world)
         # The children must import this very lamina_net, wherever it was loaded
         # from: `python -m` puts the working directory first on sys.path, so
         # they start in the directory that holds this package (from a
@@ -79,7 +81,8 @@ class LocalCluster:
                 stderr = tempfile.TemporaryFile(mode="w+b")
                 self._stderr_files.append(stderr)
                 self.processes.append(subprocess.Popen(command, env=env, cwd=package_root, stderr=stderr))
-            self.endpoint = lamina_net.Endpoint(0, count + 1, store=store, group=group, timeout=timeout)
+            with local_world_size(count + 1):
+                self.endpoint = lamina_net.Endpoint(0, count + 1, store=store, group=group, timeout=timeout)
             self._wait_for_workers(group, timeout)
             for rank in range(1, count + 1):
                 channel = self.endpoint.channel(rank, transport=transport)

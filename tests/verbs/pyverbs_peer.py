@@ -8,9 +8,9 @@ is a real lamina-net Endpoint:
 1. reads the group secret and rank 0's region descriptors from the store
    (lamina_net/store.py, loaded by file path: this interpreter cannot import
    the package);
-2. creates its own RC QP and publishes its connection info in the format the
-   lamina-net verbs transport expects (key <prefix>/1/verbs/qp), takes rank
-   0's, moves its QP to RTS and publishes "ready";
+2. creates its own RC QP and swaps its connection info with rank 0's through
+   the store rendezvous the lamina-net verbs transport uses (an offer with a
+   nonce, then keys naming both nonces), moves its QP to RTS and says so;
 3. RDMA-WRITEs a random payload into rank 0's region and bumps rank 0's
    signal word with an ATOMIC FETCH_AND_ADD, then publishes the payload's
    offset and digest;
@@ -148,9 +148,16 @@ def run(store, prefix, device_name):
     psn = random.getrandbits(24)
     info = QP_INFO.pack(QP_INFO_MAGIC, 1, qp.qp_num, psn, port_attr.lid, port_attr.active_mtu,
                         port_attr.link_layer, gid_raw, 1, 4096, inbox.buf, inbox.rkey, secret_hi, secret_lo)
-    key = f"{prefix}/ch/0-1/0/verbs"
-    store.set(f"{key}/1/verbs/qp", info)
-    fields = QP_INFO.unpack(store.get(f"{key}/0/verbs/qp", TIMEOUT))
+    # The rendezvous of csrc/transports/rendezvous.hpp: an offer "<nonce hex>;<info>", then
+    # "took" keys naming both nonces (no stale record here, so one pass does).
+    rv = f"{prefix}/ch/0-1/0/verbs"
+    my_nonce = random.getrandbits(64) | 1
+    store.set(f"{rv}/offer/1", b"%016x;" % my_nonce + info)
+    offer = store.get(f"{rv}/offer/0", TIMEOUT)
+    theirs = int(offer[:16], 16)
+    store.set(f"{rv}/took/1/{my_nonce:016x}-{theirs:016x}", b"1")
+    store.get(f"{rv}/took/0/{theirs:016x}-{my_nonce:016x}", TIMEOUT)
+    fields = QP_INFO.unpack(offer[17:])
     if fields[0] != QP_INFO_MAGIC or (fields[12], fields[13]) != (secret_hi, secret_lo):
         raise RuntimeError("rank 0's QP info is malformed or from another group")
     peer_qpn, peer_psn, peer_lid, peer_mtu, peer_gid = fields[2], fields[3], fields[4], fields[5], fields[7]
@@ -181,8 +188,8 @@ def run(store, prefix, device_name):
     attr.max_rd_atomic = 1
     qp.modify(attr, e.IBV_QP_STATE | e.IBV_QP_TIMEOUT | e.IBV_QP_RETRY_CNT | e.IBV_QP_RNR_RETRY |
               e.IBV_QP_SQ_PSN | e.IBV_QP_MAX_QP_RD_ATOMIC)
-    store.set(f"{key}/1/verbs/ready", b"1")
-    store.get(f"{key}/0/verbs/ready", TIMEOUT)
+    store.set(f"{rv}/rtr/1/{my_nonce:016x}-{theirs:016x}", b"1")
+    store.get(f"{rv}/rtr/0/{theirs:016x}-{my_nonce:016x}", TIMEOUT)
 
     # 3. WRITE into rank 0's region, then FETCH_AND_ADD its signal word, on one QP.
     payload = random.randbytes(PAYLOAD_BYTES)

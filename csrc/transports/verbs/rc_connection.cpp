@@ -357,7 +357,7 @@ std::unique_ptr<RcConnection> RcConnection::connect(std::shared_ptr<VerbsDevice>
   // The QP info goes through a rendezvous that ignores what an earlier
   // process of the peer's rank (or a failed channel being replaced) left in
   // the store: connecting to that QP would only fail at the first write.
-  const std::string prefix = params.key_prefix + "/verbs";
+  const std::string& prefix = params.key_prefix;  // names the pair, the tag and the transport
   const RendezvousResult agreed = rendezvous(*params.store, prefix, params.self_rank, params.peer_rank,
                                              connection->local_info().serialize(), params.deadline, "verbs connect");
   const RcEndpointInfo peer = RcEndpointInfo::deserialize(agreed.peer_blob, params.peer_rank);
