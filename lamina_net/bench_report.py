@@ -281,6 +281,7 @@ def plot_records(records: list[dict], path: str, what: str, x_label: str = "mess
             latency.setdefault(f"plain C {r.get('transport', '')} ping-pong", []).append((size, ref))
         bw = metric_value(r, "gb_per_s")
         bw = metric_value(r, "bandwidth_gb_s") if bw is None else bw
+        bw = metric_value(r, "gbps") if bw is None else bw  # bench bandwidth's records
         if bw is not None and bw > 0:
             bandwidth.setdefault(label, []).append((size, bw))
     if not latency and not bandwidth:
