@@ -30,9 +30,11 @@ from .errors import UsageError
 # Metrics a record may carry, and whether a higher value is better. Nested
 # dicts (exchange records: per_layer_us = {"p50": .., "p99": ..}) are
 # flattened to "per_layer_us.p50".
-_HIGHER_IS_BETTER = ("gb_per_s", "ops_per_s", "bandwidth_gb_s")
+# GB/s under the names the bench commands write (exchange: gb_per_s; bandwidth: gbps).
+_BANDWIDTH_METRICS = ("gb_per_s", "bandwidth_gb_s", "gbps")
+_HIGHER_IS_BETTER = _BANDWIDTH_METRICS + ("ops_per_s",)
 _METRICS = ("p50_us", "p99_us", "per_layer_us.p50", "per_layer_us.p99", "per_step_us.p50", "per_step_us.p99",
-            "gb_per_s", "bandwidth_gb_s", "ops_per_s")
+            *_BANDWIDTH_METRICS, "ops_per_s")
 _BASELINE_SYSTEMS = {"gloo": "torch-gloo", "nccl": "torch-nccl"}
 
 
@@ -176,7 +178,7 @@ def _table_columns(records: list[dict]) -> list[tuple[str, str]]:
                ("path", "path")]
     for title, metric in (("p50 us", "p50_us"), ("p99 us", "p99_us"), ("layer p50 us", "per_layer_us.p50"),
                           ("layer p99 us", "per_layer_us.p99"), ("step p50 us", "per_step_us.p50"),
-                          ("step p99 us", "per_step_us.p99"), ("GB/s", "gb_per_s"), ("GB/s", "bandwidth_gb_s"),
+                          ("step p99 us", "per_step_us.p99"), *(("GB/s", m) for m in _BANDWIDTH_METRICS),
                           ("C ref p50", "ref_p50_us"), ("blocking ref p50", "blocking_ref_p50_us"),
                           ("memcpy us", "memcpy_us")):
         if any(metric_value(r, metric) is not None for r in records):
@@ -279,9 +281,7 @@ def plot_records(records: list[dict], path: str, what: str, x_label: str = "mess
         ref = metric_value(r, "ref_p50_us")
         if ref is not None and ref > 0 and r.get("path", "host") == "host":
             latency.setdefault(f"plain C {r.get('transport', '')} ping-pong", []).append((size, ref))
-        bw = metric_value(r, "gb_per_s")
-        bw = metric_value(r, "bandwidth_gb_s") if bw is None else bw
-        bw = metric_value(r, "gbps") if bw is None else bw  # bench bandwidth's records
+        bw = next((v for v in (metric_value(r, m) for m in _BANDWIDTH_METRICS) if v is not None), None)
         if bw is not None and bw > 0:
             bandwidth.setdefault(label, []).append((size, bw))
     if not latency and not bandwidth:

@@ -45,6 +45,16 @@ def test_a_rate_that_drops_is_the_regression_not_one_that_rises():
     assert verdicts == {"shm": "worse", "tcp": "better"}
 
 
+def test_bench_bandwidth_records_compare_and_tabulate_as_rates():
+    # bench bandwidth writes GB/s as "gbps": a drop is the regression, and the table shows it.
+    a = [{"system": "lamina-net", "transport": "shm", "op": "put", "size_bytes": 1 << 20, "gbps": 30.0}]
+    b = [{"system": "lamina-net", "transport": "shm", "op": "put", "size_bytes": 1 << 20, "gbps": 20.0}]
+    result = bench_report.compare_records(a, b, threshold=0.2)
+    assert [(row["metric"], row["verdict"]) for row in result["rows"]] == [("gbps", "worse")]
+    header = bench_report.format_table(b, markdown=True).splitlines()[0]
+    assert "GB/s" in header and "20.00" in bench_report.format_table(b, markdown=True)
+
+
 def test_nested_exchange_metrics_are_compared():
     a = [{"system": "lamina-net", "transport": "shm", "op": "exchange", "size_bytes": 36864,
           "per_layer_us": {"p50": 10.0, "p99": 20.0}, "per_step_us": {"p50": 800.0, "p99": 900.0}}]
