@@ -17,6 +17,15 @@ def run(args) -> int:
     print(f"  transports: tcp, shm{', verbs' if ok else ''}")
     if not ok:
         print(f"  verbs unavailable: {why}")
+    # The device API: the proxy always; each direct back end where its probe passes.
+    print("  device paths: proxy (every transport)")
+    for path, available, detail, failed in _core.direct_paths():
+        if available:
+            print(f"    {path}: available ({detail})")
+        else:
+            print(f"    {path}: unavailable, falls back to the proxy:")
+            for line in failed:
+                print(f"      - {line}")
     # The runtime is linked statically: the driver must be at least as new
     # (cuda_versions says so in the same line when it is not).
     cuda = _core.cuda_versions() if _core.HAVE_CUDA else "built without CUDA"

@@ -118,6 +118,12 @@ PYBIND11_MODULE(_core, m) {
     return out;
   });
   m.def("spin_window_us", &spin_window_us);  // LAMINA_NET_SPIN_US resolved (auto: from LOCAL_WORLD_SIZE)
+  // The device API's direct back ends: [(path, available, detail, [failed checks])].
+  m.def("direct_paths", [] {
+    std::vector<std::tuple<std::string, bool, std::string, std::vector<std::string>>> out;
+    for (const auto& p : probe_direct_paths()) out.emplace_back(p.path, p.available, p.detail, p.failed);
+    return out;
+  });
   m.def("verbs_available", [] {
     std::string why;
     bool ok = verbs_available(&why);

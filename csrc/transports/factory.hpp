@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "transports/transport.hpp"
 
@@ -38,5 +39,17 @@ std::unique_ptr<Transport> make_verbs_transport(const TransportContext& ctx, con
 // Whether verbs can be used on this host; on false, *why says which check failed
 // (no libibverbs, no device, no active port, ...). Cheap enough to call once.
 bool verbs_available(std::string* why);
+
+// One direct back end of the device API (the caller writes the NIC's work
+// requests itself) and whether this host can use it. Each failed check is one
+// line; checks after the first failure that could not be made say so.
+struct DirectPathProbe {
+  std::string path;                 // "direct-mlx5" or "direct-rxe"
+  bool available = false;
+  std::string detail;               // when available: the device and who may call it
+  std::vector<std::string> failed;  // when not: every failed check
+};
+// Probes both direct back ends (opens verbs devices; creates no queue pair).
+std::vector<DirectPathProbe> probe_direct_paths();
 
 }  // namespace lamina

@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <utility>
 
 #include <fcntl.h>
@@ -18,6 +17,7 @@
 #include "common/log.hpp"
 #include "common/threads.hpp"
 #include "transports/rendezvous.hpp"
+#include "transports/verbs/qp_state.hpp"
 #include "transports/verbs/verbs_settings.hpp"
 
 namespace lamina::verbs {
@@ -27,7 +27,6 @@ constexpr uint64_t kRecvWrBit = 1ull << 63;  // wr_id of receives: bit | slot
 constexpr uint32_t kMessageMagic = 0x4c4e4d53;  // "LNMS"
 constexpr uint32_t kInfoMagic = 0x4c4e5651;     // "LNVQ"
 constexpr uint32_t kInfoVersion = 1;
-constexpr uint32_t kMaxRdAtomic = 16;
 constexpr uint64_t kCloseNoticeWaitNs = 100'000'000;  // 100 ms
 constexpr int kPollBatch = 16;
 constexpr uint64_t kExternalDriveGraceNs = 5'000'000;  // a user thread drove progress this recently
@@ -89,11 +88,6 @@ class Reader {
   size_t pos_ = 0;
   bool ok_ = true;
 };
-
-uint32_t random_psn() {
-  std::random_device device;
-  return device() & 0xffffff;
-}
 
 }  // namespace
 
@@ -258,14 +252,7 @@ void RcConnection::create_queue_pair() {
   stage_max_ = std::max(std::min(config_.stage_max, chunk_size_), max_inline_);
   psn_ = random_psn();
 
-  ibv_qp_attr to_init{};
-  to_init.qp_state = IBV_QPS_INIT;
-  to_init.pkey_index = 0;
-  to_init.port_num = device_->port();
-  to_init.qp_access_flags = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ |
-                            IBV_ACCESS_REMOTE_ATOMIC;
-  int rc = api.modify_qp(qp_.get(), &to_init, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS);
-  if (rc != 0) throw_system(errno_message("verbs: QP RESET->INIT failed", rc));
+  move_qp_to_init(*device_, qp_.get());
 
   for (int slot = int(staging_slots_) - 1; slot >= 0; --slot) free_staging_.push_back(slot);
   // Scratch words: [0] credit source, [1] closed-notice source, [2] discarded
@@ -295,51 +282,18 @@ RcEndpointInfo RcConnection::local_info() const {
 }
 
 void RcConnection::bring_up(const RcEndpointInfo& peer) {
-  const IbverbsApi& api = device_->api();
-  const ibv_device_attr& dev = device_->device_attr();
-  const std::string who = "verbs: connecting to rank " + std::to_string(peer_rank_) + ": ";
-  if (peer.link_layer != device_->port_attr().link_layer) {
-    throw_system(who + "link layers differ (peer " + std::to_string(peer.link_layer) + ", local " +
-                 std::to_string(device_->port_attr().link_layer) + ")");
-  }
-
-  ibv_qp_attr rtr{};
-  rtr.qp_state = IBV_QPS_RTR;
-  rtr.path_mtu = static_cast<ibv_mtu>(std::min<int>(peer.mtu, device_->port_attr().active_mtu));
-  rtr.dest_qp_num = peer.qpn;
-  rtr.rq_psn = peer.psn;
-  rtr.max_dest_rd_atomic = static_cast<uint8_t>(std::min<int>(dev.max_qp_rd_atom, kMaxRdAtomic));
-  rtr.min_rnr_timer = 12;  // 0.64 ms
-  rtr.ah_attr.port_num = device_->port();
-  rtr.ah_attr.dlid = peer.lid;
-  rtr.ah_attr.sl = 0;
-  // RoCE addresses by GID (GRH always present); InfiniBand routes by LID.
-  if (device_->is_ethernet() || peer.lid == 0) {
-    rtr.ah_attr.is_global = 1;
-    rtr.ah_attr.grh.dgid = peer.gid;
-    rtr.ah_attr.grh.sgid_index = static_cast<uint8_t>(device_->gid_index());
-    rtr.ah_attr.grh.hop_limit = 64;
-  }
-  int rc = api.modify_qp(qp_.get(), &rtr,
-                         IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
-                             IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER);
-  if (rc != 0) {
-    throw_system(errno_message(who + "QP INIT->RTR failed (peer qpn " + std::to_string(peer.qpn) + ", gid " +
-                                   gid_to_string(peer.gid) + ", local " + device_->description() + ")",
-                               rc));
-  }
-
-  ibv_qp_attr rts{};
-  rts.qp_state = IBV_QPS_RTS;
-  rts.timeout = config_.ack_timeout;
-  rts.retry_cnt = config_.retry_count;
-  rts.rnr_retry = 7;  // unlimited; receivers never run out (credits), so RNR is only transient
-  rts.sq_psn = psn_;
-  rts.max_rd_atomic = static_cast<uint8_t>(std::min<int>(dev.max_qp_init_rd_atom, kMaxRdAtomic));
-  rc = api.modify_qp(qp_.get(), &rts,
-                     IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
-                         IBV_QP_MAX_QP_RD_ATOMIC);
-  if (rc != 0) throw_system(errno_message(who + "QP RTR->RTS failed", rc));
+  QpAddress address;
+  address.qpn = peer.qpn;
+  address.psn = peer.psn;
+  address.lid = peer.lid;
+  address.mtu = peer.mtu;
+  address.link_layer = peer.link_layer;
+  address.gid = peer.gid;
+  QpTimers timers;
+  timers.ack_timeout = config_.ack_timeout;
+  timers.retry_count = config_.retry_count;
+  move_qp_to_rts(*device_, qp_.get(), address, psn_, timers,
+                 "verbs: connecting to rank " + std::to_string(peer_rank_) + ": ");
 
   peer_recv_depth_ = peer.recv_depth;
   peer_chunk_size_ = peer.chunk_size;

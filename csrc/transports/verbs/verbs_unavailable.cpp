@@ -13,4 +13,9 @@ bool verbs_available(std::string* why) {
   return false;
 }
 
+std::vector<DirectPathProbe> probe_direct_paths() {
+  const std::string why = "lamina-net was built without libibverbs headers (install libibverbs-dev and rebuild)";
+  return {DirectPathProbe{"direct-mlx5", false, "", {why}}, DirectPathProbe{"direct-rxe", false, "", {why}}};
+}
+
 }  // namespace lamina
