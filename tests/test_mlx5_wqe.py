@@ -106,3 +106,25 @@ def test_mlx5_direct_queue_compiles_for_the_gpu(tmp_path, arch):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=compiler_env(), timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}"
     assert out.stat().st_size > 0
+
+
+def test_mlx5_probe_names_each_failed_check():
+    """Without an mlx5 NIC the probe says why, one line per check, and info prints it."""
+    import sys
+
+    from lamina_net import _core
+
+    paths = {p[0]: p for p in _core.direct_paths()}
+    assert set(paths) == {"direct-mlx5", "direct-rxe"}
+    for name, (_, available, detail, failed) in paths.items():
+        if available:
+            assert detail, name
+        else:
+            assert failed and all(isinstance(line, str) and line for line in failed), name
+    _, mlx5_ok, _, mlx5_failed = paths["direct-mlx5"]
+    assert not mlx5_ok  # the mlx5 host setup is not built: never claimed available
+    assert any("host setup" in line for line in mlx5_failed)
+    out = subprocess.run([sys.executable, "-m", "lamina_net.cli", "info"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "device paths: proxy" in out.stdout and "direct-mlx5: unavailable" in out.stdout

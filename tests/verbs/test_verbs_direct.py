@@ -62,3 +62,14 @@ def test_direct_rxe_destroyed_peer_qp_reaches_the_error_word():
 
 def test_direct_rxe_latency_against_the_provider_path():
     run_case("latency")
+
+
+def test_direct_rxe_probe_says_available_in_the_guest():
+    from lamina_net import _core
+
+    paths = {p[0]: p for p in _core.direct_paths()}
+    _, available, detail, failed = paths["direct-rxe"]
+    assert available, failed
+    assert "rdma-core" in detail
+    _, mlx5_available, _, mlx5_failed = paths["direct-mlx5"]
+    assert not mlx5_available and any("not an mlx5 device" in line and "rxe" in line for line in mlx5_failed)
