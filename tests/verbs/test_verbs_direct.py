@@ -60,6 +60,11 @@ def test_direct_rxe_destroyed_peer_qp_reaches_the_error_word():
     run_case("peer_destroyed")
 
 
+def test_direct_rxe_cpu_assisted_doorbell():
+    """The callers only publish the producer index; the queue's host thread makes the kick (the GPU's mode)."""
+    run_case("host_kick")
+
+
 def test_direct_rxe_latency_against_the_provider_path():
     run_case("latency")
 

@@ -92,7 +92,7 @@ DirectPathProbe probe_rxe(const std::vector<DeviceProvider>& devices) {
       }
       p.available = true;
       p.detail = d.name + ", rdma-core " + verbs::rdma_core_version() +
-                 ": CPU callers (a GPU caller needs the CPU-assisted kick, not built yet)";
+                 ": CPU callers; the caller kicks or the queue's host thread does (the rings are not mapped into a GPU yet)";
       p.failed.clear();
       return p;
     } catch (const Error& e) {

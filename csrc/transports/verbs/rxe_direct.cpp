@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -227,8 +228,8 @@ std::unique_ptr<RxeDirectQueue> RxeDirectQueue::create(std::shared_ptr<VerbsDevi
   h.cq_entries_log2 = log2_of(ring_mask(cq.queue) + 1);
   h.cq_entry_log2 = ring_log2_elem(cq.queue);
   h.state = q->state_.get();
-  h.kick = &RxeDirectQueue::kick_trampoline;
-  h.kick_context = q.get();
+  h.kick = config.host_kick ? nullptr : &RxeDirectQueue::kick_trampoline;
+  h.kick_context = config.host_kick ? nullptr : q.get();
   // The ring keeps one slot free; the CQ holds one CQE per request.
   h.depth = std::min<uint64_t>({depth, ring_mask(sq.queue), ring_mask(cq.queue)});
   h.timeout_ns = config.timeout_ns;
@@ -241,11 +242,39 @@ std::unique_ptr<RxeDirectQueue> RxeDirectQueue::create(std::shared_ptr<VerbsDevi
          << (ring_mask(cq.queue) + 1) << " x " << (1u << h.cq_entry_log2) << " B at +" << cq.offset
          << " (rdma-core " << version << ")";
   q->layout_ = layout.str();
+  if (config.host_kick) q->kick_thread_ = std::thread([raw = q.get()] { raw->run_kick_thread(); });
   LAMINA_INFO("direct rxe queue: qpn " + std::to_string(h.qpn) + ", " + q->layout_);
   return q;
 }
 
-RxeDirectQueue::~RxeDirectQueue() = default;
+RxeDirectQueue::~RxeDirectQueue() {
+  stop_kicking_.store(true, std::memory_order_relaxed);
+  if (kick_thread_.joinable()) kick_thread_.join();
+}
+
+void RxeDirectQueue::run_kick_thread() {
+  // Spins while requests come (a kick within about a microsecond of the
+  // publish), then backs off to 50 us naps when the queue is idle.
+  uint64_t kicked = 0;
+  uint32_t idle = 0;
+  while (!stop_kicking_.load(std::memory_order_relaxed)) {
+    const uint64_t rung = __atomic_load_n(&state_->rung, __ATOMIC_ACQUIRE);
+    if (rung != kicked) {
+      kick();
+      kicked = rung;
+      idle = 0;
+      continue;
+    }
+    if (++idle < 20000) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if ((idle & 63) == 0) std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+}
 
 void RxeDirectQueue::connect(const QpAddress& peer) {
   move_qp_to_rts(*device_, qp_.get(), peer, psn_, QpTimers{}, "direct rxe queue: ");

@@ -17,7 +17,8 @@
 // Doorbell: the direct code publishes the producer index; the kick is a
 // POST_SEND command with no work requests written to the command file (the
 // kernel then processes the send queue), made by DirectQueue::kick in CPU
-// callers. Its failure sets the queue's error word.
+// callers, or by this object's kick thread (RxeDirectConfig::host_kick). Its
+// failure sets the queue's error word.
 //
 // Threads: create/connect from one thread; the handle is then used by any
 // number of callers (see work_queue.cuh). The object outlives every caller.
@@ -29,6 +30,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "lamina_net/direct/rxe.cuh"
 #include "transports/verbs/qp_state.hpp"
@@ -41,6 +43,10 @@ struct RxeDirectConfig {
   uint32_t batch = 1;         // ring after this many ready requests
   uint32_t max_inline = 64;   // inline bytes asked of the QP
   uint64_t timeout_ns = 5'000'000'000ull;
+  // CPU-assisted doorbell: the caller only publishes the producer index and a
+  // host thread of this object makes the kick when `rung` moves (what a GPU
+  // caller needs: it cannot make the system call). Off: the caller kicks.
+  bool host_kick = false;
   QpTimers timers;
 };
 
@@ -76,6 +82,7 @@ class RxeDirectQueue {
   RxeDirectQueue() = default;
   static void kick_trampoline(void* self);
   void kick();
+  void run_kick_thread();
 
   std::shared_ptr<VerbsDevice> device_;
   UniqueCq cq_;
@@ -85,6 +92,8 @@ class RxeDirectQueue {
   direct::DirectQueue handle_{};
   std::atomic<uint64_t> kicks_{0};
   std::string layout_;
+  std::atomic<bool> stop_kicking_{false};
+  std::thread kick_thread_;  // host_kick only; joined before the QP goes
 };
 
 }  // namespace lamina::verbs

@@ -314,6 +314,43 @@ void case_peer_destroyed() {
         "status " + std::to_string(state.error_status) + ", want IBV_WC_RETRY_EXC_ERR");
 }
 
+// CPU-assisted doorbell: the callers only publish; the queue's host thread kicks.
+void case_host_kick() {
+  RxeDirectConfig config;
+  config.depth = 64;
+  config.host_kick = true;
+  Setup s(config);
+  check(s.direct->handle().kick == nullptr, "a host-kicked handle has no caller kick");
+  constexpr int kThreads = 2, kPuts = 400;
+  Buffer src(*s.device, 8 * kThreads * kPuts), dst(*s.device, 8 * kThreads * kPuts), scratch(*s.device, 64),
+      signal(*s.device, 64);
+  for (int i = 0; i < kThreads * kPuts; ++i) std::memcpy(src.data() + 8 * i, &i, sizeof i);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPuts; ++i) {
+        const size_t k = size_t(t) * kPuts + i;
+        DirectRequest r = write_request(src, 8 * k, dst, 8 * k, 8, (i & 1) != 0);
+        if (direct::put_signal<RxeFormat>(s.direct->handle(), r, signal.addr(), signal.mr->rkey, 1,
+                                          scratch.addr(8 * t), scratch.mr->lkey, nullptr) != kDeviceOk) {
+          failures.fetch_add(1);
+        }
+      }
+      if (direct::flush<RxeFormat>(s.direct->handle()) != kDeviceOk) failures.fetch_add(1);
+    });
+  }
+  for (auto& t : threads) t.join();
+  check(failures.load() == 0, std::to_string(failures.load()) + " posts/flushes failed");
+  check(std::memcmp(src.data(), dst.data(), 8 * kThreads * kPuts) == 0, "every put arrived");
+  check(load(signal.data()) == uint64_t(kThreads) * kPuts, "every signal counted");
+  check(s.direct->kicks() >= 1 && s.direct->kicks() <= s.direct->state().doorbells,
+        "the host thread kicked (" + std::to_string(s.direct->kicks()) + " kicks, " +
+            std::to_string(s.direct->state().doorbells) + " doorbells)");
+  std::printf("  %d requests, %llu doorbells, %llu host kicks\n", 2 * kThreads * kPuts,
+              (unsigned long long)s.direct->state().doorbells, (unsigned long long)s.direct->kicks());
+}
+
 // One-way cost of a small put until its completion: direct vs the provider's own post path.
 void case_latency() {
   Setup s;
@@ -371,6 +408,7 @@ int main(int argc, char** argv) {
       {"doorbell_batching", case_doorbell_batching},
       {"bad_rkey", case_bad_rkey},
       {"peer_destroyed", case_peer_destroyed},
+      {"host_kick", case_host_kick},
       {"latency", case_latency},
   };
   if (argc != 2 || !cases.count(argv[1])) {
