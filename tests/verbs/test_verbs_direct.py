@@ -78,3 +78,9 @@ def test_direct_rxe_probe_says_available_in_the_guest():
     assert "rdma-core" in detail
     _, mlx5_available, _, mlx5_failed = paths["direct-mlx5"]
     assert not mlx5_available and any("not an mlx5 device" in line and "rxe" in line for line in mlx5_failed)
+
+
+def test_direct_rxe_pingpong_against_the_provider_path():
+    """A put+signal ping-pong between two direct queues, and the same over the provider's post path."""
+    out = run_case("pingpong")
+    assert "ratio" in out

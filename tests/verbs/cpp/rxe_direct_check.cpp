@@ -150,6 +150,25 @@ void fill(uint8_t* p, size_t n, uint64_t seed) {
 
 uint64_t load(const void* p) { return __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_ACQUIRE); }
 
+// One completion from `cq`, polled for at most 30 s.
+ibv_wc poll_one(ibv_cq* cq) {
+  ibv_wc wc{};
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  for (uint32_t spins = 0; ibv_poll_cq(cq, 1, &wc) == 0; ++spins) {
+    if ((spins & 1023) == 0 && std::chrono::steady_clock::now() > until) throw Failure{"no completion in 30 s"};
+  }
+  return wc;
+}
+
+// Spins until the word reaches `value`; false after 30 s (a lost message must not hang the check).
+bool spin_until(const void* word, uint64_t value) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  for (uint32_t spins = 0; load(word) < value; ++spins) {
+    if ((spins & 1023) == 0 && std::chrono::steady_clock::now() > until) return false;
+  }
+  return true;
+}
+
 void case_layout() {
   Setup s;
   const auto& h = s.direct->handle();
@@ -375,9 +394,7 @@ void case_latency() {
     wr.wr.rdma.remote_addr = dst.addr(8);
     wr.wr.rdma.rkey = dst.mr->rkey;
     ibv_post_send(peer.qp.get(), &wr, &bad);
-    ibv_wc wc{};
-    while (ibv_poll_cq(peer.cq.get(), 1, &wc) == 0) {
-    }
+    check(poll_one(peer.cq.get()).status == IBV_WC_SUCCESS, "provider completion");
   };
   std::vector<double> direct_us, provider_us;
   for (int round = 0; round < 5; ++round) {
@@ -397,6 +414,119 @@ void case_latency() {
   check(s.direct->state().error == kErrorNone, "no error during the rounds");
 }
 
+// A put+signal ping-pong, one-way time = round trip / 2: two direct queues
+// connected to each other, against two ordinary QPs driven by the provider's
+// ibv_post_send (WRITE + FETCH_ADD chained, one doorbell), same process, same rounds.
+void case_pingpong() {
+  auto device = VerbsDevice::open(VerbsOptions{});
+  RxeDirectConfig config;
+  config.depth = 128;
+  auto a = RxeDirectQueue::create(device, config);
+  auto b = RxeDirectQueue::create(device, config);
+  a->connect(b->address());
+  b->connect(a->address());
+  // Provider pair.
+  auto make_qp = [&](UniqueCq& cq) {
+    cq.reset(device->api().create_cq(device->context(), 512, nullptr, nullptr, 0));
+    ibv_qp_init_attr init{};
+    init.send_cq = cq.get();
+    init.recv_cq = cq.get();
+    init.qp_type = IBV_QPT_RC;
+    init.cap.max_send_wr = 128;
+    init.cap.max_recv_wr = 1;
+    init.cap.max_send_sge = 1;
+    init.cap.max_recv_sge = 1;
+    init.cap.max_inline_data = 64;
+    UniqueQp qp(device->api().create_qp(device->pd(), &init));
+    check(qp != nullptr, "ibv_create_qp");
+    move_qp_to_init(*device, qp.get());
+    return qp;
+  };
+  UniqueCq cq_x, cq_y;
+  UniqueQp x = make_qp(cq_x), y = make_qp(cq_y);
+  const uint32_t psn_x = random_psn(), psn_y = random_psn();
+  move_qp_to_rts(*device, x.get(), local_qp_address(*device, *y, psn_y), psn_x, QpTimers{}, "x: ");
+  move_qp_to_rts(*device, y.get(), local_qp_address(*device, *x, psn_x), psn_y, QpTimers{}, "y: ");
+
+  Buffer side_a(*device, 256), side_b(*device, 256);  // [0]: data, [64]: signal word, [128]: atomic scratch, [192]: source
+  constexpr int kIters = 1000;
+  using Post = std::function<void(int from, uint64_t round)>;
+  auto direct_post = [&](int from, uint64_t round) {
+    Buffer& me = from == 0 ? side_a : side_b;
+    Buffer& peer = from == 0 ? side_b : side_a;
+    RxeDirectQueue& q = from == 0 ? *a : *b;
+    std::memcpy(me.data() + 192, &round, 8);
+    DirectRequest r = write_request(me, 192, peer, 0, 8, true);
+    direct::put_signal<RxeFormat>(q.handle(), r, peer.addr(64), peer.mr->rkey, 1, me.addr(128), me.mr->lkey,
+                                  nullptr);
+  };
+  uint64_t provider_posted[2] = {0, 0};
+  auto provider_post = [&](int from, uint64_t round) {
+    Buffer& me = from == 0 ? side_a : side_b;
+    Buffer& peer = from == 0 ? side_b : side_a;
+    ibv_qp* qp = from == 0 ? x.get() : y.get();
+    ibv_cq* cq = from == 0 ? cq_x.get() : cq_y.get();
+    std::memcpy(me.data() + 192, &round, 8);
+    ibv_sge data_sge{me.addr(192), 8, me.mr->lkey};
+    ibv_sge atomic_sge{me.addr(128), 8, me.mr->lkey};
+    ibv_send_wr wr[2]{};
+    wr[0].opcode = IBV_WR_RDMA_WRITE;
+    wr[0].send_flags = IBV_SEND_INLINE;
+    wr[0].sg_list = &data_sge;
+    wr[0].num_sge = 1;
+    wr[0].wr.rdma.remote_addr = peer.addr(0);
+    wr[0].wr.rdma.rkey = peer.mr->rkey;
+    wr[0].next = &wr[1];
+    wr[1].opcode = IBV_WR_ATOMIC_FETCH_AND_ADD;
+    // Signal every 32nd pair so the send queue drains (completions retire earlier WRs).
+    const bool signaled = (++provider_posted[from] % 32) == 0;
+    wr[1].send_flags = signaled ? IBV_SEND_SIGNALED : 0;
+    wr[1].sg_list = &atomic_sge;
+    wr[1].num_sge = 1;
+    wr[1].wr.atomic.remote_addr = peer.addr(64);
+    wr[1].wr.atomic.compare_add = 1;
+    wr[1].wr.atomic.rkey = peer.mr->rkey;
+    ibv_send_wr* bad = nullptr;
+    check(ibv_post_send(qp, wr, &bad) == 0, "ibv_post_send");
+    if (signaled) {
+      check(poll_one(cq).status == IBV_WC_SUCCESS, "provider completion");
+    }
+  };
+  auto run = [&](const Post& post) {
+    std::memset(side_a.data() + 64, 0, 8);
+    std::memset(side_b.data() + 64, 0, 8);
+    std::atomic<bool> lost{false};
+    std::thread responder([&] {
+      for (uint64_t i = 1; i <= kIters && !lost; ++i) {
+        if (!spin_until(side_b.data() + 64, i)) {
+          lost = true;
+          return;
+        }
+        post(1, i);
+      }
+    });
+    const auto start = std::chrono::steady_clock::now();
+    for (uint64_t i = 1; i <= kIters && !lost; ++i) {
+      post(0, i);
+      if (!spin_until(side_a.data() + 64, i)) lost = true;
+    }
+    const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+    responder.join();
+    check(!lost, "a ping-pong message was lost (30 s without its signal)");
+    return us / kIters / 2;
+  };
+  std::vector<double> d, p;
+  for (int round = 0; round < 5; ++round) {
+    d.push_back(run(direct_post));
+    p.push_back(run(provider_post));
+  }
+  std::sort(d.begin(), d.end());
+  std::sort(p.begin(), p.end());
+  check(a->state().error == kErrorNone && b->state().error == kErrorNone, "no error in the direct rounds");
+  std::printf("  8 B put+signal ping-pong, one-way (median of 5): direct %.2f us, provider %.2f us (ratio %.2f)\n",
+              d[2], p[2], d[2] / p[2]);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -410,6 +540,7 @@ int main(int argc, char** argv) {
       {"peer_destroyed", case_peer_destroyed},
       {"host_kick", case_host_kick},
       {"latency", case_latency},
+      {"pingpong", case_pingpong},
   };
   if (argc != 2 || !cases.count(argv[1])) {
     std::fprintf(stderr, "usage: rxe_direct_check <case>\n");

@@ -294,11 +294,18 @@ LAMINA_HD DeviceStatus ring_through(const DirectQueue& q, lamina_u64 ticket) {
   return kDeviceOk;
 }
 
-// Posts one request. `ring_now` rings the doorbell after it (else the batch
-// decides). On kDeviceOk, *ticket_out (when not null) names the request for
-// wait_completed.
+// When post rings the doorbell.
+enum DirectRing : lamina_u32 {
+  kRingByBatch = 0,  // once `batch` requests are ready and unpublished
+  kRingNow = 1,      // right after this request (it is published when post returns)
+  kRingDeferred = 2, // not here: a later post, ring or flush publishes it (the data half of put_signal)
+};
+
+// Posts one request; `ring` says when the doorbell goes (DirectRing; false /
+// true mean kRingByBatch / kRingNow). On kDeviceOk, *ticket_out (when not
+// null) names the request for wait_completed.
 template <typename Format>
-LAMINA_HD DeviceStatus post(const DirectQueue& q, const DirectRequest& r, bool ring_now, lamina_u64* ticket_out) {
+LAMINA_HD DeviceStatus post(const DirectQueue& q, const DirectRequest& r, lamina_u32 ring_mode, lamina_u64* ticket_out) {
   using namespace direct_detail;
   DirectQueueState* s = q.state;
   if (failed(q)) return kDeviceChannelError;
@@ -331,8 +338,8 @@ LAMINA_HD DeviceStatus post(const DirectQueue& q, const DirectRequest& r, bool r
   }
   device_detail::store_release(&s->ready, ticket + 1);
   if (ticket_out != 0) *ticket_out = ticket;
-  if (ring_now) return ring_through<Format>(q, ticket);
-  if (ticket + 1 - device_detail::load_acquire(&s->rung) >= q.batch) ring<Format>(q);
+  if (ring_mode == kRingNow) return ring_through<Format>(q, ticket);
+  if (ring_mode == kRingByBatch && ticket + 1 - device_detail::load_acquire(&s->rung) >= q.batch) ring<Format>(q);
   return kDeviceOk;
 }
 
@@ -374,7 +381,8 @@ template <typename Format>
 LAMINA_HD DeviceStatus put_signal(const DirectQueue& q, DirectRequest data, lamina_u64 signal_addr,
                                   lamina_u32 signal_rkey, lamina_u64 add, lamina_u64 scratch_addr,
                                   lamina_u32 scratch_lkey, lamina_u64* ticket_out) {
-  DeviceStatus st = post<Format>(q, data, false, 0);
+  // One doorbell for the pair: the data WRITE waits for the signal's ring.
+  DeviceStatus st = post<Format>(q, data, kRingDeferred, 0);
   if (st != kDeviceOk) return st;
   DirectRequest sig{};
   sig.opcode = kDirectFetchAdd;
@@ -384,7 +392,7 @@ LAMINA_HD DeviceStatus put_signal(const DirectQueue& q, DirectRequest data, lami
   sig.local_addr = scratch_addr;
   sig.lkey = scratch_lkey;
   sig.bytes = 8;
-  return post<Format>(q, sig, true, ticket_out);
+  return post<Format>(q, sig, kRingNow, ticket_out);
 }
 
 }  // namespace direct
