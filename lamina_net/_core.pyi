@@ -12,6 +12,7 @@ DESCRIPTOR_BYTES: int
 
 def settings() -> list[tuple[str, str, str, str]]: ...
 def verbs_available() -> tuple[bool, str]: ...
+def direct_paths() -> list[tuple[str, bool, str, list[str]]]: ...  # (path, available, detail, failed checks)
 
 # CUDA (csrc/memory/cuda_memory.hpp, csrc/proxy/stream_ops.hpp; bound in stream_bindings.cpp)
 HAVE_CUDA_KERNELS: bool
