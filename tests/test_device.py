@@ -8,7 +8,6 @@ verbs tier runs the same bodies in tests/verbs/test_verbs_device.py.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ import pytest
 import lamina_net as ln
 from lamina_net import device as lnd
 
-from conftest import compiler_env, assert_all_ok, run_ranks
+from conftest import compiler_env, assert_all_ok, nvcc_path, run_ranks
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "device"))
 import device_ranks as dr  # noqa: E402
@@ -327,19 +326,9 @@ def test_header_compiles_alone_with_gxx_warnings_as_errors(tmp_path):
     assert proc.returncode != 0
 
 
-def _nvcc():
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for path in ("/usr/local/cuda/bin/nvcc",):
-        if os.access(path, os.X_OK):
-            return path
-    return None
-
-
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_header_compiles_alone_with_nvcc(tmp_path, arch):
-    nvcc = _nvcc()
+    nvcc = nvcc_path()
     if nvcc is None:
         pytest.skip("nvcc is neither on PATH nor in /usr/local/cuda/bin")
     out = tmp_path / f"user_{arch}.o"

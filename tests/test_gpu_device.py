@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 
@@ -26,7 +25,7 @@ import lamina_net as ln
 from lamina_net import _core
 from lamina_net import device as lnd
 
-from conftest import compiler_env, assert_all_ok, run_ranks
+from conftest import compiler_env, assert_all_ok, nvcc_path, run_ranks
 import _gpu_workers as gw
 import _nvrtc
 
@@ -276,17 +275,13 @@ def test_kernels_compile_with_nvrtc_against_the_installed_header(name, arch):
     assert ".entry" in ptx and "ld.acquire.sys" in ptx
 
 
-def _nvcc():
-    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.isfile(p)), None)
-
-
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc is neither on PATH nor in /usr/local/cuda/bin")
+@pytest.mark.skipif(nvcc_path() is None, reason="nvcc is neither on PATH nor in /usr/local/cuda/bin")
 def test_every_cu_file_of_the_library_compiles_for_sm80_and_sm90(tmp_path):
     sources = sorted(glob.glob(os.path.join(REPO, "csrc", "**", "*.cu"), recursive=True))
     assert sources, "the library has CUDA sources (csrc/proxy/stream_ops.cu)"
     for src in sources:
         obj = tmp_path / (os.path.basename(src) + ".o")
-        cmd = [_nvcc(), "-std=c++17", "-O2", "-c", src, "-o", str(obj), f"-I{REPO}/csrc",
+        cmd = [nvcc_path(), "-std=c++17", "-O2", "-c", src, "-o", str(obj), f"-I{REPO}/csrc",
                f"-I{REPO}/csrc/device/include", "-Xcompiler", "-fPIC,-Wall",
                "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=compiler_env(), timeout=600)

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
+import sys
 
 import pytest
 
 import lamina_net as ln
-from conftest import compiler_env
+from conftest import compiler_env, nvcc_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "device"))
+import producers  # noqa: E402
 SOURCE = os.path.join(HERE, "device", "mlx5_check.cpp")
 MLX5DV = "/usr/include/infiniband/mlx5dv.h"
 CASES = ["ctrl_seg", "segments", "wqe_bytes", "doorbell_bytes", "cqe_parse", "queue_many_producers",
@@ -29,9 +33,7 @@ CASES = ["ctrl_seg", "segments", "wqe_bytes", "doorbell_bytes", "cqe_parse", "qu
 
 @pytest.fixture(scope="module")
 def mlx5_check(tmp_path_factory) -> str:
-    import shutil
-
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    cxx = producers.compiler()
     if cxx is None:
         pytest.skip("no g++ on PATH")
     if not os.path.isfile(MLX5DV):
@@ -56,8 +58,6 @@ def test_mlx5_format_against_rdma_core(mlx5_check, case):
 
 def test_mlx5_check_fails_on_a_wrong_segment(mlx5_check, tmp_path):
     """The comparison can fail: a builder with one wrong byte is caught."""
-    import shutil
-
     include = ln.get_include()
     bad = tmp_path / "include"
     shutil.copytree(include, bad)
@@ -67,8 +67,7 @@ def test_mlx5_check_fails_on_a_wrong_segment(mlx5_check, tmp_path):
     assert wrong != text
     header.write_text(wrong)
     out = str(tmp_path / "mlx5_check_bad")
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or "g++"
-    proc = subprocess.run([cxx, "-std=c++17", "-O1", "-I", str(bad), SOURCE, "-o", out, "-lpthread"],
+    proc = subprocess.run([producers.compiler(), "-std=c++17", "-O1", "-I", str(bad), SOURCE, "-o", out, "-lpthread"],
                           capture_output=True, text=True, env=compiler_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([out, "ctrl_seg"], capture_output=True, text=True, timeout=60)
@@ -77,9 +76,7 @@ def test_mlx5_check_fails_on_a_wrong_segment(mlx5_check, tmp_path):
 
 def test_mlx5_direct_headers_compile_alone_with_gxx(tmp_path):
     """Each direct header is a leaf: g++ -std=c++17 takes it with nothing but the include dir."""
-    import shutil
-
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    cxx = producers.compiler()
     if cxx is None:
         pytest.skip("no g++ on PATH")
     for name in ("work_queue.cuh", "mlx5.cuh", "rxe.cuh"):
@@ -94,10 +91,7 @@ def test_mlx5_direct_headers_compile_alone_with_gxx(tmp_path):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_mlx5_direct_queue_compiles_for_the_gpu(tmp_path, arch):
     """The queue code the CPU tests run, instantiated in a kernel for mlx5 and rxe bytes, builds with nvcc."""
-    import shutil
-
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK)
-                                    else None)
+    nvcc = nvcc_path()
     if nvcc is None:
         pytest.skip("nvcc is neither on PATH nor in /usr/local/cuda/bin")
     out = tmp_path / f"direct_{arch}.o"
@@ -110,8 +104,6 @@ def test_mlx5_direct_queue_compiles_for_the_gpu(tmp_path, arch):
 
 def test_mlx5_probe_names_each_failed_check():
     """Without an mlx5 NIC the probe says why, one line per check, and info prints it."""
-    import sys
-
     from lamina_net import _core
 
     paths = {p[0]: p for p in _core.direct_paths()}

@@ -164,7 +164,7 @@ void reference_wqe(const DirectRequest& r, uint32_t index, uint32_t qpn, uint8_t
 
 // Enough of a queue for Mlx5Format::write / publish / poll on host memory.
 struct FakeQueue {
-  std::vector<uint8_t, std::allocator<uint8_t>> sq, cq;
+  std::vector<uint8_t> sq, cq;
   alignas(64) uint32_t dbr[2] = {0, 0};      // send doorbell record (word 1: send counter)
   alignas(64) uint32_t cq_dbr[2] = {0, 0};   // CQ doorbell record (word 0: consumer index)
   alignas(64) uint64_t uar = 0;              // stands in for the UAR register

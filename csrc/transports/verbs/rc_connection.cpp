@@ -112,12 +112,12 @@ std::string RcEndpointInfo::serialize() const {
   Writer w;
   w.put<uint32_t>(kInfoMagic);
   w.put<uint32_t>(kInfoVersion);
-  w.put<uint32_t>(qpn);
-  w.put<uint32_t>(psn);
-  w.put<uint16_t>(lid);
-  w.put<uint8_t>(mtu);
-  w.put<uint8_t>(link_layer);
-  w.put_bytes(gid.raw, sizeof(gid.raw));
+  w.put<uint32_t>(address.qpn);
+  w.put<uint32_t>(address.psn);
+  w.put<uint16_t>(address.lid);
+  w.put<uint8_t>(address.mtu);
+  w.put<uint8_t>(address.link_layer);
+  w.put_bytes(address.gid.raw, sizeof(address.gid.raw));
   w.put<uint32_t>(recv_depth);
   w.put<uint32_t>(chunk_size);
   w.put<uint64_t>(inbox_addr);
@@ -132,12 +132,12 @@ RcEndpointInfo RcEndpointInfo::deserialize(const std::string& blob, int from_ran
   RcEndpointInfo info;
   const uint32_t magic = r.get<uint32_t>();
   const uint32_t version = r.get<uint32_t>();
-  info.qpn = r.get<uint32_t>();
-  info.psn = r.get<uint32_t>();
-  info.lid = r.get<uint16_t>();
-  info.mtu = r.get<uint8_t>();
-  info.link_layer = r.get<uint8_t>();
-  r.get_bytes(info.gid.raw, sizeof(info.gid.raw));
+  info.address.qpn = r.get<uint32_t>();
+  info.address.psn = r.get<uint32_t>();
+  info.address.lid = r.get<uint16_t>();
+  info.address.mtu = r.get<uint8_t>();
+  info.address.link_layer = r.get<uint8_t>();
+  r.get_bytes(info.address.gid.raw, sizeof(info.address.gid.raw));
   info.recv_depth = r.get<uint32_t>();
   info.chunk_size = r.get<uint32_t>();
   info.inbox_addr = r.get<uint64_t>();
@@ -266,12 +266,7 @@ void RcConnection::create_queue_pair() {
 
 RcEndpointInfo RcConnection::local_info() const {
   RcEndpointInfo info;
-  info.qpn = qp_->qp_num;
-  info.psn = psn_;
-  info.lid = device_->port_attr().lid;
-  info.mtu = static_cast<uint8_t>(device_->port_attr().active_mtu);
-  info.link_layer = device_->port_attr().link_layer;
-  info.gid = device_->gid();
+  info.address = local_qp_address(*device_, *qp_, psn_);
   info.recv_depth = recv_depth_;
   info.chunk_size = chunk_size_;
   info.inbox_addr = reinterpret_cast<uint64_t>(inbox_->data());
@@ -282,17 +277,10 @@ RcEndpointInfo RcConnection::local_info() const {
 }
 
 void RcConnection::bring_up(const RcEndpointInfo& peer) {
-  QpAddress address;
-  address.qpn = peer.qpn;
-  address.psn = peer.psn;
-  address.lid = peer.lid;
-  address.mtu = peer.mtu;
-  address.link_layer = peer.link_layer;
-  address.gid = peer.gid;
   QpTimers timers;
   timers.ack_timeout = config_.ack_timeout;
   timers.retry_count = config_.retry_count;
-  move_qp_to_rts(*device_, qp_.get(), address, psn_, timers,
+  move_qp_to_rts(*device_, qp_.get(), peer.address, psn_, timers,
                  "verbs: connecting to rank " + std::to_string(peer_rank_) + ": ");
 
   peer_recv_depth_ = peer.recv_depth;
@@ -326,7 +314,7 @@ std::unique_ptr<RcConnection> RcConnection::connect(std::shared_ptr<VerbsDevice>
                      "verbs connect");
   LAMINA_DEBUG("verbs: rank " + std::to_string(params.self_rank) + " connected to " + peer_name + " via " +
                connection->device_->description() + ", qpn " + std::to_string(connection->qp_->qp_num) + " -> " +
-               std::to_string(peer.qpn) + ", inline " + std::to_string(connection->max_inline_));
+               std::to_string(peer.address.qpn) + ", inline " + std::to_string(connection->max_inline_));
   {
     std::lock_guard<std::mutex> lock(connection->state_mutex_);
     connection->seq_at_last_look_ = connection->next_seq_;

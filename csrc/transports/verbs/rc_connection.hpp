@@ -89,6 +89,7 @@
 #include <vector>
 
 #include "transports/transport.hpp"
+#include "transports/verbs/qp_state.hpp"
 #include "transports/verbs/verbs_device.hpp"
 
 namespace lamina::verbs {
@@ -126,12 +127,7 @@ class RegisteredBuffer {
 
 // What each side publishes in the store to connect an RC QP.
 struct RcEndpointInfo {
-  uint32_t qpn = 0;
-  uint32_t psn = 0;
-  uint16_t lid = 0;
-  uint8_t mtu = 0;          // enum ibv_mtu
-  uint8_t link_layer = 0;   // IBV_LINK_LAYER_*
-  ibv_gid gid{};
+  QpAddress address;        // the QP (number, first PSN, LID, MTU, link layer, GID)
   uint32_t recv_depth = 0;  // initial send credits for the peer
   uint32_t chunk_size = 0;  // largest fragment the peer may send us
   uint64_t inbox_addr = 0;  // where the peer writes credits / the closed flag

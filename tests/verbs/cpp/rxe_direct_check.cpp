@@ -97,25 +97,33 @@ struct Buffer {
 };
 
 // The peer: an ordinary verbs RC QP (the provider's own objects), connected to the direct queue.
-struct OrdinaryPeer {
+// An ordinary RC QP made by the provider (its own post and poll paths), with
+// a CQ of `cq_entries`, moved to INIT.
+struct PlainQp {
   UniqueCq cq;
   UniqueQp qp;
-  uint32_t psn = random_psn();
-  OrdinaryPeer(const VerbsDevice& device, RxeDirectQueue& direct) {
-    cq.reset(device.api().create_cq(device.context(), 64, nullptr, nullptr, 0));
-    check(cq != nullptr, "peer ibv_create_cq failed");
+  PlainQp(const VerbsDevice& device, int cq_entries, uint32_t send_wr) {
+    cq.reset(device.api().create_cq(device.context(), cq_entries, nullptr, nullptr, 0));
+    check(cq != nullptr, "ibv_create_cq failed");
     ibv_qp_init_attr init{};
     init.send_cq = cq.get();
     init.recv_cq = cq.get();
     init.qp_type = IBV_QPT_RC;
-    init.cap.max_send_wr = 16;
-    init.cap.max_recv_wr = 16;
+    init.cap.max_send_wr = send_wr;
+    init.cap.max_recv_wr = 1;
     init.cap.max_send_sge = 1;
     init.cap.max_recv_sge = 1;
     init.cap.max_inline_data = 64;
     qp.reset(device.api().create_qp(device.pd(), &init));
-    check(qp != nullptr, "peer ibv_create_qp failed");
+    check(qp != nullptr, "ibv_create_qp failed");
     move_qp_to_init(device, qp.get());
+  }
+};
+
+// The peer: an ordinary verbs RC QP, connected to the direct queue.
+struct OrdinaryPeer : PlainQp {
+  uint32_t psn = random_psn();
+  OrdinaryPeer(const VerbsDevice& device, RxeDirectQueue& direct) : PlainQp(device, 64, 16) {
     move_qp_to_rts(device, qp.get(), direct.address(), psn, QpTimers{}, "peer: ");
     direct.connect(local_qp_address(device, *qp, psn));
   }
@@ -426,27 +434,12 @@ void case_pingpong() {
   a->connect(b->address());
   b->connect(a->address());
   // Provider pair.
-  auto make_qp = [&](UniqueCq& cq) {
-    cq.reset(device->api().create_cq(device->context(), 512, nullptr, nullptr, 0));
-    ibv_qp_init_attr init{};
-    init.send_cq = cq.get();
-    init.recv_cq = cq.get();
-    init.qp_type = IBV_QPT_RC;
-    init.cap.max_send_wr = 128;
-    init.cap.max_recv_wr = 1;
-    init.cap.max_send_sge = 1;
-    init.cap.max_recv_sge = 1;
-    init.cap.max_inline_data = 64;
-    UniqueQp qp(device->api().create_qp(device->pd(), &init));
-    check(qp != nullptr, "ibv_create_qp");
-    move_qp_to_init(*device, qp.get());
-    return qp;
-  };
-  UniqueCq cq_x, cq_y;
-  UniqueQp x = make_qp(cq_x), y = make_qp(cq_y);
+  PlainQp px(*device, 512, 128), py(*device, 512, 128);
+  ibv_qp* x = px.qp.get();
+  ibv_qp* y = py.qp.get();
   const uint32_t psn_x = random_psn(), psn_y = random_psn();
-  move_qp_to_rts(*device, x.get(), local_qp_address(*device, *y, psn_y), psn_x, QpTimers{}, "x: ");
-  move_qp_to_rts(*device, y.get(), local_qp_address(*device, *x, psn_x), psn_y, QpTimers{}, "y: ");
+  move_qp_to_rts(*device, x, local_qp_address(*device, *y, psn_y), psn_x, QpTimers{}, "x: ");
+  move_qp_to_rts(*device, y, local_qp_address(*device, *x, psn_x), psn_y, QpTimers{}, "y: ");
 
   Buffer side_a(*device, 256), side_b(*device, 256);  // [0]: data, [64]: signal word, [128]: atomic scratch, [192]: source
   constexpr int kIters = 1000;
@@ -464,8 +457,8 @@ void case_pingpong() {
   auto provider_post = [&](int from, uint64_t round) {
     Buffer& me = from == 0 ? side_a : side_b;
     Buffer& peer = from == 0 ? side_b : side_a;
-    ibv_qp* qp = from == 0 ? x.get() : y.get();
-    ibv_cq* cq = from == 0 ? cq_x.get() : cq_y.get();
+    ibv_qp* qp = from == 0 ? x : y;
+    ibv_cq* cq = from == 0 ? px.cq.get() : py.cq.get();
     std::memcpy(me.data() + 192, &round, 8);
     ibv_sge data_sge{me.addr(192), 8, me.mr->lkey};
     ibv_sge atomic_sge{me.addr(128), 8, me.mr->lkey};

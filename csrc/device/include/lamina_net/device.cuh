@@ -294,6 +294,25 @@ LAMINA_HD void store_release(lamina_u64* p, lamina_u64 v) {
 #endif
 }
 
+// 32-bit forms (NIC ring indices and doorbell records of the direct back end).
+LAMINA_HD lamina_u32 load_acquire(const lamina_u32* p) {
+#if defined(__CUDA_ARCH__)
+  lamina_u32 v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+#else
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#endif
+}
+
+LAMINA_HD void store_release(lamina_u32* p, lamina_u32 v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+#else
+  __atomic_store_n(p, v, __ATOMIC_RELEASE);
+#endif
+}
+
 // Device-scope on a GPU: only producers (kernels on this GPU) touch it.
 LAMINA_HD lamina_u64 fetch_add(lamina_u64* p, lamina_u64 v) {
 #if defined(__CUDA_ARCH__)
@@ -393,12 +412,17 @@ LAMINA_HD void ring_doorbell(DeviceRingControl* c) {
 #endif
 }
 
-// A bounded wait: the clock is read every 1024th poll only.
+// A bounded wait: the clock is read every 1024th poll only. `pause_polls`:
+// on a CPU, the first polls only pause before relax()'s yields and naps
+// start (the direct back end waits for a NIC or kernel that answers within
+// tens of microseconds, and a system call there would add to its latency).
 struct WaitBound {
   lamina_u64 timeout_ns;
   lamina_u64 start;
   lamina_u32 spins;
-  LAMINA_HD explicit WaitBound(lamina_u64 t) : timeout_ns(t), start(0), spins(0) {}
+  lamina_u32 pause_polls;
+  LAMINA_HD explicit WaitBound(lamina_u64 t, lamina_u32 pause_only_polls = 0)
+      : timeout_ns(t), start(0), spins(0), pause_polls(pause_only_polls) {}
   // True when the bound has passed; relaxes the caller between polls.
   LAMINA_HD bool expired() {
     ++spins;
@@ -407,6 +431,12 @@ struct WaitBound {
       if (start == 0) start = now;
       if (now - start >= timeout_ns) return true;
     }
+#if !defined(__CUDA_ARCH__) && (defined(__x86_64__) || defined(__i386__))
+    if (spins < pause_polls) {
+      __builtin_ia32_pause();
+      return false;
+    }
+#endif
     relax(spins);
     return false;
   }

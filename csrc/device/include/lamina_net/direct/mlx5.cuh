@@ -175,7 +175,7 @@ struct Mlx5Format {
   LAMINA_HD static void publish(const DirectQueue& q, lamina_u64 ready) {
     // Doorbell record first (the NIC reads it when it recovers from a lost
     // doorbell), then the register.
-    direct_detail::store_release32(q.sq_producer, mlx5_detail::be32(static_cast<lamina_u32>(ready & 0xffff)));
+    device_detail::store_release(q.sq_producer, mlx5_detail::be32(static_cast<lamina_u32>(ready & 0xffff)));
     device_detail::fence_system();
     const lamina_u64 value = mlx5_doorbell_value(ready, q.qpn);
 #if defined(__CUDA_ARCH__)
@@ -195,7 +195,7 @@ struct Mlx5Format {
   }
 
   LAMINA_HD static void release(const DirectQueue& q, lamina_u64 consumer) {
-    direct_detail::store_release32(q.cq_consumer, mlx5_detail::be32(static_cast<lamina_u32>(consumer & 0xffffff)));
+    device_detail::store_release(q.cq_consumer, mlx5_detail::be32(static_cast<lamina_u32>(consumer & 0xffffff)));
   }
 };
 

@@ -105,13 +105,13 @@ struct RxeFormat {
 
   LAMINA_HD static void publish(const DirectQueue& q, lamina_u64 ready) {
     const lamina_u32 mask = (1u << q.sq_slots_log2) - 1;
-    direct_detail::store_release32(q.sq_producer, static_cast<lamina_u32>(ready) & mask);
+    device_detail::store_release(q.sq_producer, static_cast<lamina_u32>(ready) & mask);
   }
 
   LAMINA_HD static int poll(const DirectQueue& q, lamina_u64 consumer, DirectCompletion* c) {
     const lamina_u32 mask = (1u << q.cq_entries_log2) - 1;
     const lamina_u32 index = static_cast<lamina_u32>(consumer) & mask;
-    if (direct_detail::load_acquire32(q.cq_producer) == index) return 0;
+    if (device_detail::load_acquire(q.cq_producer) == index) return 0;
     const lamina_u8* wc = q.cq + (static_cast<lamina_u64>(index) << q.cq_entry_log2);
     c->counter = *reinterpret_cast<const lamina_u64*>(wc);                  // wr_id
     c->status = *reinterpret_cast<const lamina_u32*>(wc + 8);               // ib_wc_status
@@ -121,7 +121,7 @@ struct RxeFormat {
 
   LAMINA_HD static void release(const DirectQueue& q, lamina_u64 consumer) {
     const lamina_u32 mask = (1u << q.cq_entries_log2) - 1;
-    direct_detail::store_release32(q.cq_consumer, static_cast<lamina_u32>(consumer) & mask);
+    device_detail::store_release(q.cq_consumer, static_cast<lamina_u32>(consumer) & mask);
   }
 };
 

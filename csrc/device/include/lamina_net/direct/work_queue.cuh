@@ -127,50 +127,12 @@ struct DirectQueue {
 
 namespace direct_detail {
 
-// A bounded wait (the clock is read every 1024th poll) that, on a CPU, spins
-// on pause alone for its first 4096 polls before the shared relax policy
-// (yields, then naps): a completion a NIC or the kernel gives within tens of
-// microseconds is seen without a system call in the wait.
-struct WaitBound {
-  lamina_u64 timeout_ns;
-  lamina_u64 start;
-  lamina_u32 spins;
-  LAMINA_HD explicit WaitBound(lamina_u64 t) : timeout_ns(t), start(0), spins(0) {}
-  LAMINA_HD bool expired() {
-    ++spins;
-    if ((spins & 1023) == 1) {
-      const lamina_u64 now = device_detail::now_ns();
-      if (start == 0) start = now;
-      if (now - start >= timeout_ns) return true;
-    }
-#if !defined(__CUDA_ARCH__) && (defined(__x86_64__) || defined(__i386__))
-    if (spins < 4096) {
-      __builtin_ia32_pause();
-      return false;
-    }
-#endif
-    device_detail::relax(spins);
-    return false;
-  }
-};
+// Every wait here pauses alone for its first 4096 polls on a CPU: a
+// completion that a NIC or the kernel gives within tens of microseconds is
+// then seen without a system call in the wait.
+constexpr lamina_u32 kPauseOnlyPolls = 4096;
 
-LAMINA_HD lamina_u32 load_acquire32(const lamina_u32* p) {
-#if defined(__CUDA_ARCH__)
-  lamina_u32 v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-#else
-  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
-#endif
-}
-
-LAMINA_HD void store_release32(lamina_u32* p, lamina_u32 v) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-#else
-  __atomic_store_n(p, v, __ATOMIC_RELEASE);
-#endif
-}
+using device_detail::WaitBound;
 
 LAMINA_HD bool try_lock(lamina_u32* lock) {
 #if defined(__CUDA_ARCH__)
@@ -285,7 +247,7 @@ LAMINA_HD void ring(const DirectQueue& q) {
 // `ready`, so it tries again until `rung` covers it (bounded).
 template <typename Format>
 LAMINA_HD DeviceStatus ring_through(const DirectQueue& q, lamina_u64 ticket) {
-  direct_detail::WaitBound bound(q.timeout_ns);
+  direct_detail::WaitBound bound(q.timeout_ns, direct_detail::kPauseOnlyPolls);
   while (device_detail::load_acquire(&q.state->rung) <= ticket) {
     ring<Format>(q);
     if (direct_detail::failed(q)) return kDeviceChannelError;
@@ -314,7 +276,7 @@ LAMINA_HD DeviceStatus post(const DirectQueue& q, const DirectRequest& r, lamina
   if (r.opcode == kDirectFetchAdd && (r.remote_addr % 8 != 0 || r.local_addr % 8 != 0)) return kDeviceInvalidArgument;
 
   const lamina_u64 ticket = device_detail::fetch_add(&s->reserved, 1);
-  WaitBound free_bound(q.timeout_ns);
+  WaitBound free_bound(q.timeout_ns, direct_detail::kPauseOnlyPolls);
   while (ticket - device_detail::load_acquire(&s->completed) >= q.depth) {
     // Ring first: the requests holding the slots may still be unpublished.
     ring<Format>(q);
@@ -328,7 +290,7 @@ LAMINA_HD DeviceStatus post(const DirectQueue& q, const DirectRequest& r, lamina
   Format::write(q, slot, ticket, r);
   device_detail::fence_system();
 
-  WaitBound order_bound(q.timeout_ns);
+  WaitBound order_bound(q.timeout_ns, direct_detail::kPauseOnlyPolls);
   while (device_detail::load_acquire(&s->ready) != ticket) {
     if (failed(q)) return kDeviceChannelError;
     if (order_bound.expired()) {
@@ -348,7 +310,7 @@ LAMINA_HD DeviceStatus post(const DirectQueue& q, const DirectRequest& r, lamina
 template <typename Format>
 LAMINA_HD DeviceStatus wait_completed(const DirectQueue& q, lamina_u64 ticket) {
   using namespace direct_detail;
-  WaitBound bound(q.timeout_ns);
+  WaitBound bound(q.timeout_ns, direct_detail::kPauseOnlyPolls);
   while (device_detail::load_acquire(&q.state->completed) <= ticket) {
     ring<Format>(q);
     if (!poll_completions<Format>(q)) return kDeviceChannelError;
@@ -363,7 +325,7 @@ LAMINA_HD DeviceStatus flush(const DirectQueue& q) {
   const lamina_u64 reserved = device_detail::load_acquire(&q.state->reserved);
   if (reserved == 0) return direct_detail::failed(q) ? kDeviceChannelError : kDeviceOk;
   // Wait until the last reserved ticket is ready, then ring and wait for it.
-  direct_detail::WaitBound bound(q.timeout_ns);
+  direct_detail::WaitBound bound(q.timeout_ns, direct_detail::kPauseOnlyPolls);
   while (device_detail::load_acquire(&q.state->ready) < reserved) {
     if (direct_detail::failed(q)) return kDeviceChannelError;
     if (bound.expired()) return kDeviceTimeout;
