@@ -114,3 +114,53 @@ def signal_word_not_shared(rank, world, store, rounds):
             ch.put(np.full(256, i % 256, np.uint8), win, 0, signal=sig)
             ep.barrier(f"seen-{i}")
         return {"shared_signal": sig._desc.shared_fd >= 0}
+
+
+def _stream_thread_switches() -> int:
+    """Voluntary context switches of this process's lamina-stream threads (each
+    sleep that ended, by a wake-up or a timeout)."""
+    import os
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith("lamina-stream"):
+                    continue
+            with open(f"/proc/self/task/{tid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def puts_to_an_idle_target(rank, world, store, puts):
+    """Rank 0 puts with a signal into rank 1's shared memory `puts` times while
+    no thread of rank 1 waits (its progress thread sleeps on the ring). Rank 1
+    returns how often its progress thread woke meanwhile and the final signal."""
+    import time
+    peer = 1 - rank
+    with ln.Endpoint(rank, world, store, group="shm-idle-target", timeout=30) as ep:
+        if rank == 1:
+            win = ep.alloc(64, np.uint8, ln.Access.REMOTE_WRITE)
+            sig = ep.alloc(1, np.uint64, ln.Access.REMOTE_ATOMIC)
+            ep.publish("win", win)
+            ep.publish("sig", sig)
+            ep.channel(peer, "shm")
+            ep.barrier("ready")
+            time.sleep(0.2)  # the progress thread settles into its sleep on the ring
+            before = _stream_thread_switches()
+            ep.barrier("go")
+            ep.barrier("done")
+            woke = _stream_thread_switches() - before
+            return {"woke": woke, "signal": int(sig.read_u64(0)), "threads": before > 0}
+        ch = ep.channel(peer, "shm")
+        win, sig = ep.lookup(peer, "win"), ep.lookup(peer, "sig")
+        src = np.ones(8, np.uint8)
+        ep.barrier("ready")
+        ep.barrier("go")
+        start = time.monotonic()
+        for _ in range(puts):
+            ch.put(src, win, 0, signal=sig)
+        seconds = time.monotonic() - start
+        ep.barrier("done")
+        return {"seconds": seconds}

@@ -4,7 +4,8 @@ put, writes data and signal under one per-side writer flag instead of the channe
 polls an idle ring without taking its lock; each test aims at what that could break."""
 import pytest
 
-from _shm_direct_workers import signal_word_not_shared, stale_after_warm_puts, threads_put_with_signals
+from _shm_direct_workers import (puts_to_an_idle_target, signal_word_not_shared, stale_after_warm_puts,
+                                 threads_put_with_signals)
 from harness import assert_all_ok, run_ranks
 
 
@@ -33,3 +34,18 @@ def test_signal_word_outside_shared_memory_arrives_by_frame_after_the_data():
     values = assert_all_ok(run_ranks(signal_word_not_shared, args=(rounds,), timeout=60))
     assert values[0] == {"shared_signal": False}, "the signal word was expected outside shared memory"
     assert values[1] == {"signal": rounds, "bad": 0}, values[1]
+
+
+def test_direct_puts_do_not_wake_the_targets_progress_thread():
+    # A direct write changes nothing the progress thread looks at; waking it
+    # per put cost a futex call on the sender and took a core from the target
+    # (the 0.3 us shm put of issue 16 on a 2-core machine). Without the fix
+    # the thread woke about once per put; with it, once per sleep's timeout
+    # (20 ms) and a few more around the barriers.
+    puts = 20000
+    values = assert_all_ok(run_ranks(puts_to_an_idle_target, args=(puts,), timeout=90))
+    target = values[1]
+    assert target["threads"], "no lamina-stream thread found in the target"
+    assert target["signal"] == puts, target
+    allowed = 20 + int(values[0]["seconds"] / 0.02) * 2
+    assert target["woke"] <= allowed, f"the target's progress thread woke {target['woke']} times for {puts} puts"

@@ -232,7 +232,7 @@ bool Endpoint::wait_until(Done done, Deadline deadline, std::span<Connection* co
     const bool every_128th = (++spins & 127) == 0;
     if (every_128th && deadline.expired()) return done();
     bool did = false;
-    if (!sparse_progress || (spins & 127) == 1) {
+    if (sparse_progress ? (spins & 127) == 1 : (spins & 7) == 1) {
       for (Connection* c : drive) did |= c->progress();
     }
     if (did) continue;

@@ -16,8 +16,14 @@ constexpr size_t kHeaderSize = sizeof(FrameHeader);
 constexpr size_t kStagingBytes = 256 * 1024;
 // Payloads at least this large are read straight into their destination.
 constexpr uint64_t kDirectReadMin = 16 * 1024;
-// How long the progress thread stays idle after it saw a waiting thread drive.
+// How long the progress thread stays idle after it saw a waiting thread
+// drive: kDriverIdleUs, doubled each time it finds the thread still driving,
+// up to kDriverIdleMaxUs. Each look is a wake-up that takes a core from
+// spinning threads (on a 2-core machine, from the ping-pong itself), and a
+// thread that drives for a while most often goes on driving; one that stops
+// waiting says so (stop_driving) and ends the sleep at once.
 constexpr int kDriverIdleUs = 200;
+constexpr int kDriverIdleMaxUs = 6400;
 
 
 std::string peer_name(int rank) { return "rank " + std::to_string(rank); }
@@ -847,17 +853,25 @@ void StreamConnection::stop_driving() {
 
 void StreamConnection::progress_thread_main() {
   uint64_t seen_ticks = external_ticks_.load(std::memory_order_relaxed);
+  int idle_us = kDriverIdleUs;
   while (!closing_.load(std::memory_order_acquire) && !failed_.load(std::memory_order_acquire)) {
     // A thread that waits on this connection is driving it: stay out of its
-    // way until it stops (it says so) or has not driven for kDriverIdleUs.
+    // way until it stops (it says so), has not driven for a look's sleep, or
+    // the peer is gone.
     uint32_t seen = idle_wake_.load(std::memory_order_acquire);
     uint64_t ticks = external_ticks_.load(std::memory_order_relaxed);
     if (driver_stopped_.exchange(false, std::memory_order_acq_rel)) {
       seen_ticks = ticks;
+      idle_us = kDriverIdleUs;
     } else if (ticks != seen_ticks) {
       seen_ticks = ticks;
-      futex_wait_us(reinterpret_cast<const uint32_t*>(&idle_wake_), seen, kDriverIdleUs, false);
-      continue;
+      futex_wait_us(reinterpret_cast<const uint32_t*>(&idle_wake_), seen, idle_us, false);
+      idle_us = std::min(2 * idle_us, kDriverIdleMaxUs);
+      // A driving thread does not look for a dead peer; this look does (one
+      // poll of the pidfd or socket), and takes over when it finds one.
+      if (stream_->peer_gone_reason().empty()) continue;
+    } else {
+      idle_us = kDriverIdleUs;
     }
     if (progress_step(false)) continue;
     if (rx_stalled_.load(std::memory_order_relaxed)) {

@@ -47,7 +47,7 @@
 namespace lamina {
 namespace {
 
-constexpr uint64_t kSegmentMagic = 0x4c4e53484d303031ull;  // "LNSHM001"
+constexpr uint64_t kSegmentMagic = 0x4c4e53484d303032ull;  // "LNSHM002"
 constexpr size_t kHeaderBytes = 4096;
 // A word with a known value whose address each side publishes, so the other
 // side can check that process_vm_readv reaches this process.
@@ -63,7 +63,13 @@ struct alignas(64) RingControl {
   std::atomic<uint32_t> space_seq;        // bumped to wake a sleeping writer
   std::atomic<uint32_t> writer_sleeping;
   std::atomic<uint32_t> writer_closed;
-  char pad2[44];
+  // Of the sleepers on data_seq, those waiting for something a direct write
+  // can change (a user's wait with a readiness check). A direct write wakes
+  // only these: the progress thread, asleep for frames, has nothing to do
+  // with it, and waking it on every put costs a futex call here and takes
+  // a core from the spinning peer there.
+  std::atomic<uint32_t> waiter_sleeping;
+  char pad2[40];
   std::atomic<uint64_t> applied_seq;  // reader: highest writer seq fully applied
   char pad3[56];
 };
@@ -212,10 +218,12 @@ class ShmStream : public ByteStream {
   void wait_readable(int timeout_ms, const std::function<bool()>* ready_check) override {
     uint32_t seq = rx_->data_seq.load(std::memory_order_acquire);
     rx_->reader_sleeping.fetch_add(1, std::memory_order_relaxed);
+    if (ready_check) rx_->waiter_sleeping.fetch_add(1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     bool ready = rx_->head.load(std::memory_order_acquire) != rx_tail_.load(std::memory_order_relaxed) ||
                  rx_->writer_closed.load(std::memory_order_acquire) || (ready_check && (*ready_check)());
     if (!ready) futex_wait(reinterpret_cast<uint32_t*>(&rx_->data_seq), seq, timeout_ms, true);
+    if (ready_check) rx_->waiter_sleeping.fetch_sub(1, std::memory_order_relaxed);
     rx_->reader_sleeping.fetch_sub(1, std::memory_order_relaxed);
   }
 
@@ -368,9 +376,11 @@ class ShmStream : public ByteStream {
     return reinterpret_cast<uint64_t*>(word);
   }
 
-  // A peer asleep on our ring would not notice a change that bypassed it.
+  // A peer's waiter asleep on our ring would not notice a change that
+  // bypassed it (seq_cst: ordered after the write, against its count and
+  // its readiness check).
   void wake_sleeping_reader() {
-    if (tx_->reader_sleeping.load(std::memory_order_seq_cst)) {
+    if (tx_->waiter_sleeping.load(std::memory_order_seq_cst)) {
       tx_->data_seq.fetch_add(1, std::memory_order_release);
       futex_wake_all(reinterpret_cast<uint32_t*>(&tx_->data_seq), true);
     }
