@@ -228,7 +228,8 @@ bool Endpoint::wait_until(Done done, Deadline deadline, std::span<Connection* co
     // every step) and the spin window (cycle counter: no system call, where
     // the precise clock of a VM (hpet) is a trip through the hypervisor that
     // also slows the other vCPUs). Sparse progress: on the first step (so
-    // that every wait retires completions once) and every 128th.
+    // that every wait retires completions once) and every 128th; otherwise
+    // on every 8th step, so that most polls are the word's load alone.
     const bool every_128th = (++spins & 127) == 0;
     if (every_128th && deadline.expired()) return done();
     bool did = false;

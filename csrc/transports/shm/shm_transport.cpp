@@ -298,7 +298,7 @@ class ShmStream : public ByteStream {
     if (!word) return DirectResult::kRefused;
     const uint64_t prev = __atomic_fetch_add(word, add, __ATOMIC_SEQ_CST);
     if (old) *old = prev;
-    wake_sleeping_reader();
+    wake_sleeping_waiter();
     return DirectResult::kDone;
   }
 
@@ -319,7 +319,7 @@ class ShmStream : public ByteStream {
     if (!signal) return DirectResult::kDone;
     // seq_cst (a locked add on x86): ordered after the data for whoever acquires the word.
     __atomic_fetch_add(word, signal->add, __ATOMIC_SEQ_CST);
-    wake_sleeping_reader();
+    wake_sleeping_waiter();
     return DirectResult::kDone;
   }
 
@@ -379,7 +379,7 @@ class ShmStream : public ByteStream {
   // A peer's waiter asleep on our ring would not notice a change that
   // bypassed it (seq_cst: ordered after the write, against its count and
   // its readiness check).
-  void wake_sleeping_reader() {
+  void wake_sleeping_waiter() {
     if (tx_->waiter_sleeping.load(std::memory_order_seq_cst)) {
       tx_->data_seq.fetch_add(1, std::memory_order_release);
       futex_wake_all(reinterpret_cast<uint32_t*>(&tx_->data_seq), true);
