@@ -111,9 +111,10 @@ def idle_strangers_then_connect(rank, world, store, strangers):
 
 
 # The shm segment's layout (csrc/transports/shm/shm_transport.cpp): a 128-byte
-# header, then RingControl ring[2] of 256 bytes each (head at +0, tail at +64);
+# header, then RingControl ring[2] of 256 bytes each (head at +0, tail at +64,
+# data_seq, the readers' futex word, at +128);
 # ring[s] carries frames from side s (rank 0 here) to side 1-s.
-RING_OFFSET, RING_BYTES, HEAD, TAIL = 128, 256, 0, 64
+RING_OFFSET, RING_BYTES, HEAD, TAIL, DATA_SEQ = 128, 256, 0, 64, 128
 
 
 def _segment_address() -> int:
@@ -144,11 +145,16 @@ def corrupted_ring(rank, world, store, index):
             ring = 1 if index == "head" else 0
             at = base + RING_OFFSET + ring * RING_BYTES + (HEAD if index == "head" else TAIL)
             ctypes.c_uint64.from_address(at).value += 1 << 40
-            if index == "head":  # wake the reader, as a writer does (any frame will do)
-                try:
-                    ch.atomic_add(remote, 0, 1)
-                except ln.TransportError:
-                    pass
+            if index == "head":
+                # Wake the reader as a writer does, without writing a frame
+                # (that would store this side's own head over the wild one):
+                # bump the ring's data_seq and futex-wake its sleepers.
+                seq = ctypes.c_uint32.from_address(base + RING_OFFSET + ring * RING_BYTES + DATA_SEQ)
+                seq.value += 1
+                futex_wake = 1  # FUTEX_WAKE on a shared mapping (not the private variant)
+                ctypes.CDLL(None, use_errno=True).syscall(ctypes.c_long(202), ctypes.c_void_p(ctypes.addressof(seq)),
+                                                          ctypes.c_int(futex_wake), ctypes.c_int(0x7FFFFFFF),
+                                                          None, None, ctypes.c_int(0))
             ep.barrier("corrupted")
             ep.barrier("checked")
             return None
