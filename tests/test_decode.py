@@ -15,10 +15,11 @@ import functools  # noqa: E402
 from lamina_net.decode.attention_shard import AttentionServer, MicroBatchKVCache  # noqa: E402
 from lamina_net.decode.converter import (CONTEXT_KWARG, ConversionError, PassThroughCache,  # noqa: E402
                                          cache_kwargs, offload_attention, restore_attention)
-from lamina_net.decode.link import LoopbackLink  # noqa: E402
+from lamina_net.decode.link import LoopbackLink, PipelineError, WorkerFailure  # noqa: E402
 from lamina_net.decode.model_worker import ModelWorker  # noqa: E402
 from lamina_net.decode.models import random_model, random_prompts, reference_generate, tiny_config  # noqa: E402
 from lamina_net.decode.partition import HeadSplitError, partition_heads  # noqa: E402
+from lamina_net.decode.protocol import Kind, ProtocolError  # noqa: E402
 
 torch.use_deterministic_algorithms(True)
 
@@ -260,6 +261,95 @@ def test_more_micro_batches_than_requests_is_refused():
 def test_model_worker_refuses_more_workers_than_kv_heads():
     with pytest.raises(HeadSplitError, match="cannot split 2 KV heads over 3"):
         ModelWorker(tiny_model("qwen2"), [LoopbackLink(AttentionServer()) for _ in range(3)])
+
+
+# ---- recovery: a lost attention worker replaced, the sequence kept (in-process; the processes'
+# version is in test_decode_pipeline.py)
+
+class DyingLoopbackLink(LoopbackLink):
+    """A loopback worker that is lost at a forward step: from its first LAYER message of that step on,
+    every operation raises as a dead peer's channel does."""
+
+    def __init__(self, server, die_at_step: int, peer: str = "dying loopback worker"):
+        super().__init__(server, peer)
+        self.die_at_step, self.dead = die_at_step, False
+
+    def _check(self, action: str, tensor=None) -> None:
+        if not self.dead and tensor is not None:
+            kind, micro_batch = tensor.reshape(-1).view(torch.uint8)[:16].view(torch.int64).tolist()
+            step = self.server.current_step(micro_batch) if kind == Kind.LAYER else None
+            self.dead = step is not None and step >= self.die_at_step
+        if self.dead:
+            raise WorkerFailure(self.peer, action, ConnectionResetError("peer gone"), self)
+
+    def isend(self, tensor):
+        self._check("sending", tensor)
+        return super().isend(tensor)
+
+    def irecv(self, tensor):
+        self._check("receiving")
+        return super().irecv(tensor)
+
+
+@pytest.mark.parametrize("name, workers, micro_batches, lost",
+                         [("llama-gqa", 2, 1, 1), ("llama-gqa", 2, 2, 0), ("llama-3kv", 2, 3, 1),
+                          ("mistral-window", 1, 2, 0)])
+def test_a_lost_worker_is_replaced_and_generation_matches_monolithic(name, workers, micro_batches, lost):
+    links = [LoopbackLink(AttentionServer()) for _ in range(workers)]
+    links[lost] = DyingLoopbackLink(AttentionServer(), die_at_step=4)
+    replaced = []
+
+    def replace(index, failure):
+        replaced.append((index, type(failure).__name__))
+        return LoopbackLink(AttentionServer(), f"replacement {index}")
+
+    worker = ModelWorker(tiny_model(name), links, micro_batches, replace_worker=replace)
+    tokens = worker.generate(*ragged_prompts(), max_new_tokens=NEW_TOKENS)
+    assert torch.equal(tokens, reference_tokens(name))
+    assert [index for index, _ in replaced] == [lost]
+    assert worker.links[lost].peer == f"replacement {lost}"
+    (recovery,) = worker.last_stats.recoveries
+    assert recovery.worker == lost and "peer gone" in recovery.cause
+    # The micro-batch that met the loss had 4 tokens; the others 3 or 4 (they were a layer behind).
+    assert 4 + 3 * (micro_batches - 1) <= recovery.replayed_steps <= 4 * micro_batches
+    assert recovery.replay_s is not None and recovery.total_s >= recovery.replay_s > 0
+    # Replayed steps are not decode steps: only the exchanges of the step each micro-batch was in at the
+    # loss count twice (done, thrown away, done again).
+    steps, layers = tokens.shape[1] - 1, worker.geometry.num_layers
+    assert steps * micro_batches * layers <= worker.last_stats.decode_layer_calls < (steps + 1) * micro_batches * layers
+    assert len(worker.last_stats.token_intervals) == steps * micro_batches
+
+
+def test_without_a_replacement_the_loss_raises():
+    links = [LoopbackLink(AttentionServer()), DyingLoopbackLink(AttentionServer(), die_at_step=2)]
+    worker = ModelWorker(tiny_model("llama-gqa"), links, 2)
+    with pytest.raises(PipelineError, match="dying loopback worker failed while sending"):
+        worker.generate(*ragged_prompts(), max_new_tokens=NEW_TOKENS)
+
+
+def test_recoveries_are_bounded_when_every_replacement_dies_too():
+    calls = []
+
+    def replace(index, failure):
+        calls.append(index)
+        return DyingLoopbackLink(AttentionServer(), die_at_step=1, peer=f"replacement {len(calls)}")
+
+    worker = ModelWorker(tiny_model("llama-gqa"), [DyingLoopbackLink(AttentionServer(), die_at_step=1)], 1,
+                         replace_worker=replace, max_recoveries=2)
+    with pytest.raises(PipelineError, match="replacement 2 failed while sending"):
+        worker.generate(*ragged_prompts(), max_new_tokens=NEW_TOKENS)
+    assert calls == [0, 0]
+
+
+def test_a_protocol_error_is_not_mistaken_for_a_lost_worker():
+    class Broken(AttentionServer):
+        def _layer(self, header, payload):
+            raise ProtocolError("bad layer")
+
+    worker = ModelWorker(tiny_model("llama-gqa"), [LoopbackLink(Broken())], 1,
+                         replace_worker=lambda index, failure: pytest.fail("replaced a worker for a protocol error"))
+    with pytest.raises(ProtocolError, match="bad layer"):
+        worker.generate(*ragged_prompts(), max_new_tokens=3)
 
 
 # ---- CLI input checking (fails before any worker starts)

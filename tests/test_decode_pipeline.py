@@ -101,6 +101,46 @@ def test_hung_attention_worker_times_out_within_the_timeout():
             os.kill(workers.pids[0], signal.SIGKILL)
 
 
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_killed_worker_is_replaced_by_a_new_process_and_tokens_match(transport):
+    with LocalCluster(2, transport=transport, timeout=TIMEOUT, kill_worker=(2, 5)) as workers:
+        killed = workers.pids[1]
+        model_worker = ModelWorker(tiny_model("llama-gqa"), workers.links, 2, TIMEOUT,
+                                   replace_worker=workers.replace)
+        tokens = model_worker.generate(*ragged_prompts(), max_new_tokens=NEW_TOKENS)
+        assert torch.equal(tokens, reference_tokens("llama-gqa"))
+        (recovery,) = model_worker.last_stats.recoveries
+        assert recovery.worker == 1 and "attention worker 1 (rank 2)" in recovery.cause
+        assert recovery.replayed_steps >= 5  # the steps before the kill ran again on the new cache
+        assert workers.pids[1] != killed
+        with pytest.raises(ProcessLookupError):
+            os.kill(killed, 0)  # reaped, not left a zombie
+        # The replacement serves further calls like the original did.
+        again = model_worker.generate(*ragged_prompts(), max_new_tokens=NEW_TOKENS)
+        assert torch.equal(again, reference_tokens("llama-gqa"))
+        assert model_worker.last_stats.recoveries == []
+
+
+def test_a_hung_worker_is_replaced_after_the_timeout():
+    timeout = 3.0
+    with LocalCluster(2, transport="tcp", timeout=timeout) as workers:
+        model_worker = ModelWorker(tiny_model("llama-gqa"), workers.links, 1, timeout,
+                                   replace_worker=workers.replace)
+        model_worker.generate(*ragged_prompts(), max_new_tokens=2)  # both workers up and serving
+        hung = workers.pids[0]
+        os.kill(hung, signal.SIGSTOP)  # alive but silent: only the timeout tells
+        try:
+            tokens = model_worker.generate(*ragged_prompts(), max_new_tokens=NEW_TOKENS)
+            assert torch.equal(tokens, reference_tokens("llama-gqa"))
+            (recovery,) = model_worker.last_stats.recoveries
+            assert "timed out" in recovery.cause and workers.pids[0] != hung
+        finally:
+            try:
+                os.kill(hung, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def _cli(*flags, timeout=240):
     # Run where this test's lamina_net was imported from (the editable checkout or an installed copy), from
     # that package's parent directory: `python -m` puts the working directory first on sys.path.
@@ -161,3 +201,32 @@ def test_cli_reports_a_dead_worker_and_exits_nonzero():
     done = _cli("--transport", "shm", "--inject-fault-after", "5", "--timeout", "10")
     assert done.returncode == 1
     assert "pipeline failed: attention worker 0 (rank 1)" in done.stderr
+
+
+def test_cli_recovers_from_a_killed_worker():
+    done = _cli("--check", "--recover", "--kill-attention-worker", "1@5", "--attention-workers", "2",
+                "--micro-batches", "1",
+                "--transport", "shm", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["check"] == "identical"
+    (recovery,) = report["recoveries"]
+    assert recovery["worker"] == 0 and recovery["replayed_steps"] == 5
+    assert recovery["total_s"] >= recovery["replace_s"] > 0
+
+
+def test_cli_without_recover_a_killed_worker_fails_the_run():
+    done = _cli("--kill-attention-worker", "1@3", "--transport", "tcp", "--timeout", "10")
+    assert done.returncode == 1
+    assert "pipeline failed: attention worker 0 (rank 1)" in done.stderr and "killed by signal 9" in done.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kill-attention-worker", "1-5"], "wants RANK@STEP"),
+    (["--kill-attention-worker", "0@1"], "not an attention worker"),
+    (["--kill-attention-worker", "1@8"], "never runs with --new-tokens 8"),
+    (["--recover", "--transport", "loopback"], "loopback"),
+])
+def test_cli_rejects_bad_fault_flags(flags, message):
+    done = _cli(*flags)
+    assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -36,6 +36,7 @@ class MicroBatchKVCache:
         self.step_start = 0
         self.step_len = 0
         self.step_is_prefill = True
+        self.steps = 0  # forward steps begun (the prefill is step 0)
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
@@ -44,6 +45,7 @@ class MicroBatchKVCache:
     def begin_step(self, q_len: int, new_valid: torch.Tensor | None) -> None:
         """Open a forward step of ``q_len`` new tokens (``new_valid``: [batch, q_len] bool)."""
         self.step_is_prefill = self.length == 0
+        self.steps += 1
         self.step_start, self.step_len = self.length, q_len
         self.length += q_len
         self._reserve(self.length)
@@ -172,6 +174,11 @@ class AttentionServer:
                 torch.tensor([received_at, time.perf_counter()], dtype=torch.float64))
             return reply
         raise ProtocolError(f"unknown message kind {kind}")
+
+    def current_step(self, micro_batch: int) -> int | None:
+        """The forward step ``micro_batch`` is in (0: its prefill), None before its first BEGIN."""
+        cache = self.caches.get(micro_batch)
+        return cache.steps - 1 if cache is not None and cache.steps else None
 
     def _setup(self, header: list[int]) -> None:
         _, self.num_q_heads, self.num_kv_heads, self.head_dim, dtype_code, self.max_payload, _, _ = header

@@ -18,17 +18,28 @@ import torch
 
 from .attention_shard import AttentionServer
 from .link import Link, PipelineError
-from .protocol import HEADER_BYTES
+from .protocol import HEADER_BYTES, Kind
 
 MODEL_WORKER_RANK = 0
 
 
+def _dies_here(server: AttentionServer, message: torch.Tensor, kill_at_step: int) -> bool:
+    """Whether ``message`` is a LAYER message of forward step ``kill_at_step`` (or later) of its micro-batch."""
+    kind, micro_batch = message[:16].view(torch.int64).tolist()
+    if kind != Kind.LAYER:
+        return False
+    step = server.current_step(micro_batch)
+    return step is not None and step >= kill_at_step
+
+
 def serve(link: Link, device: str = "cpu", idle_timeout: float | None = None,
-          crash_after_messages: int | None = None) -> AttentionServer:
+          crash_after_messages: int | None = None, kill_at_step: int | None = None) -> AttentionServer:
     """Serve requests from ``link`` until ``STOP``; returns the server (its counters).
 
-    ``crash_after_messages`` is fault injection for tests and demos: the
-    process kills itself (SIGKILL, no goodbye) after that many layer messages.
+    Fault injection for tests and demos, both a SIGKILL of this process (no
+    goodbye): ``crash_after_messages`` after that many layer messages;
+    ``kill_at_step`` on the first layer message of that forward step of any
+    micro-batch (0 is the prefill step).
     """
     server = AttentionServer(device)
     buffer = torch.empty(HEADER_BYTES, dtype=torch.uint8)  # SETUP fits; grown to the announced size after it
@@ -36,6 +47,8 @@ def serve(link: Link, device: str = "cpu", idle_timeout: float | None = None,
         waiting_since = time.perf_counter()
         nbytes = link.recv(buffer, timeout=idle_timeout)
         received_at = time.perf_counter()
+        if kill_at_step is not None and nbytes >= HEADER_BYTES and _dies_here(server, buffer, kill_at_step):
+            os.kill(os.getpid(), signal.SIGKILL)
         server.idle_seconds += received_at - waiting_since
         reply = server.handle(buffer[:nbytes], received_at)
         if reply is not None:
@@ -49,7 +62,7 @@ def serve(link: Link, device: str = "cpu", idle_timeout: float | None = None,
 
 def run_attention_worker(rank: int, world_size: int, store: str | None, group: str, transport: str = "auto",
                          device: str = "cpu", timeout: float | None = None, idle_timeout: float | None = None,
-                         crash_after_messages: int | None = None) -> int:
+                         crash_after_messages: int | None = None, kill_at_step: int | None = None) -> int:
     """Join the lamina-net group as ``rank`` and serve the model worker; returns an exit status."""
     import lamina_net
 
@@ -60,7 +73,7 @@ def run_attention_worker(rank: int, world_size: int, store: str | None, group: s
         with lamina_net.Endpoint(rank, world_size, store=store, group=group, timeout=timeout) as endpoint:
             link = ChannelLink(endpoint.channel(MODEL_WORKER_RANK, transport=transport), peer, timeout)
             try:
-                serve(link, device, idle_timeout, crash_after_messages)
+                serve(link, device, idle_timeout, crash_after_messages, kill_at_step)
             finally:
                 link.close()
     except PipelineError as failure:
@@ -85,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-timeout", type=float, default=None,
                         help="seconds to wait for the next request before giving up")
     parser.add_argument("--crash-after-messages", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--kill-at-step", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("LAMINA_DECODE_WORKER_THREADS", "1"))))
     return run_attention_worker(args.rank, args.world_size, args.store, args.group, args.transport, args.device,
-                                args.timeout, args.idle_timeout, args.crash_after_messages)
+                                args.timeout, args.idle_timeout, args.crash_after_messages, args.kill_at_step)
 
 
 if __name__ == "__main__":

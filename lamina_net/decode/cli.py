@@ -57,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="write the measurements (offloaded and monolithic, same run) as one JSON object to PATH; "
                            "no PATH or '-': print it instead of the text report")
 
+    faults = parser.add_argument_group("faults")
+    faults.add_argument("--recover", action="store_true",
+                        help="replace a lost attention worker with a new local process, rebuild its KV cache by "
+                             "recomputing the steps so far from the token ids, and go on (local launcher only)")
+    faults.add_argument("--kill-attention-worker", default=None, metavar="RANK@STEP",
+                        help="(testing, demos) the attention worker of lamina-net rank RANK (1..N) kills itself "
+                             "(SIGKILL) at forward step STEP (0: the prefill; STEP k: after k tokens)")
+
     dist = parser.add_argument_group("multi-host (default: torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT)")
     dist.add_argument("--rank", type=int, default=None)
     dist.add_argument("--world-size", type=int, default=None)
@@ -86,6 +94,21 @@ def _validate(args) -> None:
                            f"(each micro-batch holds at least one request)")
     if args.config and args.model:
         raise UsageProblem("give --config or --model, not both")
+    args.kill_worker = None
+    if args.kill_attention_worker is not None:
+        rank, at, step = args.kill_attention_worker.partition("@")
+        if not (at and rank.isdigit() and step.isdigit()):
+            raise UsageProblem(f"--kill-attention-worker wants RANK@STEP (for example 1@5), got "
+                               f"{args.kill_attention_worker!r}")
+        args.kill_worker = (int(rank), int(step))
+        if not 1 <= args.kill_worker[0] <= args.attention_workers:
+            raise UsageProblem(f"--kill-attention-worker: rank {rank} is not an attention worker's "
+                               f"(1..{args.attention_workers}; rank 0 is the model worker)")
+        if args.kill_worker[1] >= args.new_tokens:
+            raise UsageProblem(f"--kill-attention-worker: step {step} never runs with --new-tokens "
+                               f"{args.new_tokens} (steps 0..{args.new_tokens - 1})")
+    if args.transport == "loopback" and (args.recover or args.kill_worker):
+        raise UsageProblem("--recover and --kill-attention-worker need attention worker processes, not loopback")
 
 
 def _distributed_role(args) -> tuple[int, int] | None:
@@ -158,6 +181,9 @@ def _run(args) -> int:
                                     idle_timeout=max(600.0, args.timeout))
     if role is not None:
         args.attention_workers = role[1] - 1
+        if args.recover or args.kill_worker:
+            raise UsageProblem("--recover and --kill-attention-worker need the local launcher (it starts the "
+                               "replacement); under torchrun the launcher owns the processes")
 
     try:
         model = build_model(args, device)
@@ -182,7 +208,7 @@ def _run(args) -> int:
                 model, input_ids, attention_mask, args.new_tokens, args.attention_workers, args.micro_batches,
                 args.transport, str(device), args.timeout, args.worker_threads,
                 crash_worker=0 if args.inject_fault_after is not None else None,
-                crash_after_messages=args.inject_fault_after)
+                crash_after_messages=args.inject_fault_after, recover=args.recover, kill_worker=args.kill_worker)
         else:
             result = _run_distributed_model_worker(args, model, input_ids, attention_mask, role[1])
     except (ConversionError, HeadSplitError) as problem:
@@ -294,6 +320,9 @@ def _report(args, geometry, partition, device, result, mismatches, monolithic) -
         "monolithic_tokens_per_second": monolithic_rate,
         "check": None if mismatches is None else ("identical" if mismatches == 0 else f"{mismatches} tokens differ"),
         "cpu_count": os.cpu_count(),
+        "recoveries": [{"worker": r.worker, "cause": r.cause, "detected_s": r.detected_s, "replace_s": r.replace_s,
+                        "replay_s": r.replay_s, "replayed_steps": r.replayed_steps, "total_s": r.total_s}
+                       for r in stats.recoveries],
         **measurements(stats, result.workers, monolithic),
     }
     if args.json == "-":
@@ -338,6 +367,12 @@ def _report(args, geometry, partition, device, result, mismatches, monolithic) -
                   f"{mono_tbt['p50'] * 1e3:.2f} ms, p99 {mono_tbt['p99'] * 1e3:.2f} ms, compute per layer "
                   f"{mono['per_layer_s']['compute'] * us:.0f} us")
         print(f"  measurements written to {args.json}")
+    for r in stats.recoveries:
+        replay = "n/a" if r.replay_s is None else f"{r.replay_s * 1e3:.0f} ms"
+        total = "n/a" if r.total_s is None else f"{r.total_s * 1e3:.0f} ms"
+        print(f"  recovered attention worker {r.worker} in {total}: loss noticed {r.detected_s * 1e3:.0f} ms after "
+              f"the unanswered request, replacement up {r.replace_s * 1e3:.0f} ms, {r.replayed_steps} steps "
+              f"recomputed in {replay}")
     if mismatches is not None:
         verdict = "identical to" if mismatches == 0 else f"{mismatches} tokens DIFFER from"
         print(f"  check: generated tokens {verdict} the monolithic model's greedy generate "

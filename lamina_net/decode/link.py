@@ -23,8 +23,9 @@ class PipelineError(RuntimeError):
 class WorkerFailure(PipelineError):
     """A peer of the pipeline failed, or did not answer in time."""
 
-    def __init__(self, peer: str, action: str, cause: BaseException):
+    def __init__(self, peer: str, action: str, cause: BaseException, link: "Link | None" = None):
         self.peer, self.action, self.cause = peer, action, cause
+        self.link = link  # the link that failed, when known (recovery replaces the worker behind it)
         kind = "timed out" if isinstance(cause, TimeoutError) else "failed"
         super().__init__(f"{peer} {kind} while {action}: {type(cause).__name__}: {cause}")
 
@@ -80,7 +81,7 @@ class _ChannelPending(Pending):
             try:
                 result = self.handle.wait(self.link.timeout if timeout is None else timeout)
             except self.link.errors as err:
-                raise WorkerFailure(self.link.peer, self.action, err) from err
+                raise WorkerFailure(self.link.peer, self.action, err, self.link) from err
             self.nbytes = int(result) if result is not None else self.keepalive.numel()
             self.keepalive = None
         return self.nbytes
@@ -109,7 +110,7 @@ class ChannelLink(Link):
         try:
             handle = method(data)
         except self.errors as err:
-            raise WorkerFailure(self.peer, action, err) from err
+            raise WorkerFailure(self.peer, action, err, self) from err
         return _ChannelPending(self, handle, action, data)
 
     def isend(self, tensor: torch.Tensor) -> Pending:

@@ -16,6 +16,7 @@ there); a turn token lets exactly one of them compute at a time.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,23 @@ class WorkerStats:
 
 
 @dataclass
+class RecoveryStats:
+    """One lost attention worker, replaced during a :meth:`ModelWorker.generate` call (seconds)."""
+
+    worker: int  # head shard index
+    cause: str
+    detected_s: float  # the unanswered request posted -> the loss raised here
+    replace_s: float = 0.0  # replacement started, connected and set up
+    replay_s: float | None = None  # every unfinished micro-batch's known steps recomputed
+    replayed_steps: int = 0  # forward steps recomputed, summed over micro-batches
+
+    @property
+    def total_s(self) -> float | None:
+        """Loss noticed -> generation continues where it stopped."""
+        return None if self.replay_s is None else self.replace_s + self.replay_s
+
+
+@dataclass
 class DecodeStats:
     """What one :meth:`ModelWorker.generate` call measured on the model worker."""
 
@@ -75,6 +93,7 @@ class DecodeStats:
     shared_clock: bool = True
     token_intervals: list[float] = field(default_factory=list)  # seconds between a request's successive tokens
     workers: list[WorkerStats] = field(default_factory=list)
+    recoveries: list[RecoveryStats] = field(default_factory=list)
 
     @property
     def decode_seconds(self) -> float:
@@ -128,6 +147,28 @@ class DecodeStats:
         return self.request_leg + (self.reply_leg or 0.0)
 
 
+@dataclass
+class _MicroBatchState:
+    """What one micro-batch has produced; outlives its thread, so a recovery can resume it."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    generated: list[torch.Tensor] = field(default_factory=list)  # the token chosen at each step, [batch]
+    finished: bool = False
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    replayed_at: float | None = None  # when its known steps were recomputed after the last recovery
+
+
+def _lost_link(failure: BaseException) -> Link | None:
+    """The link whose peer failed behind ``failure`` (a :class:`WorkerFailure` in its cause chain), if any."""
+    while failure is not None:
+        if isinstance(failure, WorkerFailure) and failure.link is not None:
+            return failure.link
+        failure = failure.__cause__
+    return None
+
+
 class _Aborted(Exception):
     """Another micro-batch failed; this one stops quietly."""
 
@@ -135,9 +176,9 @@ class _Aborted(Exception):
 class TurnTaker:
     """Rotational turns among micro-batches: only the holder of the turn computes."""
 
-    def __init__(self, count: int):
-        self.active = list(range(count))
-        self.holder = 0
+    def __init__(self, indices: "int | list[int]"):
+        self.active = list(range(indices)) if isinstance(indices, int) else list(indices)
+        self.holder = self.active[0]
         self.failure: BaseException | None = None
         self.cond = threading.Condition()
 
@@ -178,6 +219,8 @@ class MicroBatchRunner:
         self.send_buffers: list[torch.Tensor | None] = [None] * count
         self.recv_buffers: list[torch.Tensor | None] = [None] * count
         self.pending_sends: list = [None] * count
+        self.outstanding: list = []  # (post order, link, pending reply) not yet taken: drained on recovery
+        self.last_posted = time.perf_counter()
         self.decoding = False
         self.computing_since = time.perf_counter()
 
@@ -246,6 +289,8 @@ class MicroBatchRunner:
             posted = time.perf_counter()
             self.pending_sends[worker] = link.isend(message)
             receives.append((link, reply, pending_reply, reply_bytes, shard, posted))
+            self.outstanding.append((next(owner.post_order), link, pending_reply))
+            self.last_posted = posted
             sent += payload
             received += reply_bytes
         self.stats.header_bytes += (HEADER_BYTES + TRAILER_BYTES) * len(owner.links)
@@ -274,6 +319,7 @@ class MicroBatchRunner:
                     self.stats.decode_reply_seconds += in_hand - replied_there
                     self.stats.decode_replies += 1
             outputs.append(reply[:reply_bytes].view(query.dtype).view(batch, q_len, shard.num_q_heads, head_dim))
+        self.outstanding = []
         done = time.perf_counter()
         if self.decoding:
             self.stats.decode_layer_calls += 1
@@ -325,7 +371,8 @@ class ModelWorker:
     """
 
     def __init__(self, model, links: list[Link], micro_batches: int = 1, timeout: float | None = None,
-                 allow_untested: bool = False, shared_clock: bool = True):
+                 allow_untested: bool = False, shared_clock: bool = True, replace_worker=None,
+                 max_recoveries: int = 3):
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         if not links:
@@ -341,6 +388,12 @@ class ModelWorker:
         self.pin_memory = self.device.type == "cuda"
         self.shared_clock = shared_clock  # workers on this host: their timestamps are comparable with ours
         self.last_stats: DecodeStats | None = None
+        # replace_worker(index, failure) -> Link: a new attention worker for head shard `index`
+        # (None: a lost worker fails the call). At most max_recoveries per generate call.
+        self.replace_worker = replace_worker
+        self.max_recoveries = max_recoveries
+        self.post_order = itertools.count()  # numbers the replies posted, for draining them in order
+        self._resumed_at = 0.0
         self._closed = False
 
     def _setup_workers(self, max_tokens_per_message: int) -> None:
@@ -362,6 +415,8 @@ class ModelWorker:
         """Greedy decoding like ``model.generate(do_sample=False)``; returns the new tokens [batch, steps].
 
         Left-padded batches need ``attention_mask``. Measurements go to :attr:`last_stats`.
+        With ``replace_worker`` set, a lost attention worker is replaced and
+        the call goes on (see :meth:`_recover`); otherwise the loss raises.
         """
         if self._closed:
             raise PipelineError("the model worker is closed")
@@ -378,44 +433,38 @@ class ModelWorker:
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         groups = torch.tensor_split(torch.arange(batch), self.micro_batches)
-        self._setup_workers(max(len(g) for g in groups) * prompt_len)
+        max_tokens_per_message = max(len(g) for g in groups) * prompt_len
+        self._setup_workers(max_tokens_per_message)
 
         stats = DecodeStats(batch=batch, num_layers=self.geometry.num_layers, micro_batches=self.micro_batches,
                             shared_clock=self.shared_clock)
-        turns = TurnTaker(self.micro_batches)
-        runners = [MicroBatchRunner(i, self, turns, stats) for i in range(self.micro_batches)]
-        results: list[torch.Tensor | None] = [None] * self.micro_batches
-        first_token_at = [0.0] * self.micro_batches
-        failures: list[BaseException] = []
+        states = [_MicroBatchState(input_ids[rows.to(self.device)], attention_mask[rows.to(self.device)])
+                  for rows in groups]
         started = time.perf_counter()
-
-        def run(index: int) -> None:
-            rows = groups[index].to(self.device)
-            try:
-                turns.wait_turn(index)
-                with torch.inference_mode():
-                    results[index] = self._generate_micro_batch(
-                        runners[index], input_ids[rows], attention_mask[rows], max_new_tokens,
-                        lambda: first_token_at.__setitem__(index, time.perf_counter()))
-                    runners[index].flush()
-                turns.retire(index)
-            except _Aborted:
-                pass
-            except BaseException as failure:  # noqa: BLE001 - re-raised in the caller's thread
-                failures.append(failure)
-                turns.abort(failure)
-
-        threads = [threading.Thread(target=run, args=(i,), name=f"lamina-microbatch-{i}", daemon=True)
-                   for i in range(self.micro_batches)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if failures:
-            raise failures[0]
+        replaying = None  # after a recovery: the micro-batches with steps to replay
+        while True:
+            runners, failures = self._run_micro_batches(states, stats, max_new_tokens)
+            if replaying is not None:  # the run after a recovery: when had every replay caught up?
+                replayed = [states[i].replayed_at for i in replaying]
+                if None not in replayed:
+                    stats.recoveries[-1].replay_s = max(replayed, default=self._resumed_at) - self._resumed_at
+                replaying = None
+            if not failures:
+                break
+            index, failure = failures[0]
+            lost = _lost_link(failure)
+            if self.replace_worker is None or lost not in self.links or \
+                    len(stats.recoveries) >= self.max_recoveries:
+                raise failure
+            self._recover(self.links.index(lost), failure, runners[index], runners, stats, max_tokens_per_message)
+            replaying = [i for i, state in enumerate(states) if not state.finished and state.generated]
+            stats.recoveries[-1].replayed_steps = sum(len(states[i].generated) for i in replaying)
+            for state in states:
+                state.replayed_at = None
 
         stats.wall_seconds = time.perf_counter() - started
-        stats.prefill_seconds = max(first_token_at) - started
+        stats.prefill_seconds = max(state.first_token_at for state in states) - started
+        results = [torch.stack(state.generated, dim=1) for state in states]
         steps = max(r.shape[1] for r in results)
         pad = pad_token_id(self.model)
         tokens = torch.full((batch, steps), pad, dtype=torch.long, device=self.device)
@@ -426,10 +475,87 @@ class ModelWorker:
         self.last_stats = stats
         return tokens
 
-    def _generate_micro_batch(self, runner: MicroBatchRunner, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              max_new_tokens: int, on_first_token) -> torch.Tensor:
-        """Greedy loop mirroring ``generate``: positions from the mask, pad after EOS, stop when all finished."""
+    def _run_micro_batches(self, states: list["_MicroBatchState"], stats: DecodeStats, max_new_tokens: int):
+        """Runs every unfinished micro-batch to its end, one thread each; returns (runners, [(index, failure)])."""
+        active = [i for i, state in enumerate(states) if not state.finished]
+        turns = TurnTaker(active)
+        runners = {i: MicroBatchRunner(i, self, turns, stats) for i in active}
+        failures: list[tuple[int, BaseException]] = []
+
+        def run(index: int) -> None:
+            try:
+                turns.wait_turn(index)
+                with torch.inference_mode():
+                    self._generate_micro_batch(runners[index], states[index], max_new_tokens)
+                    runners[index].flush()
+                states[index].finished = True
+                turns.retire(index)
+            except _Aborted:
+                pass
+            except BaseException as failure:  # noqa: BLE001 - re-raised in the caller's thread
+                failures.append((index, failure))
+                turns.abort(failure)
+
+        threads = [threading.Thread(target=run, args=(i,), name=f"lamina-microbatch-{i}", daemon=True)
+                   for i in active]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return runners, failures
+
+    def _recover(self, worker: int, failure: BaseException, failed_runner: MicroBatchRunner,
+                 runners: dict[int, MicroBatchRunner], stats: DecodeStats, max_tokens_per_message: int) -> None:
+        """Replaces attention worker ``worker`` and sets every worker up again for a replay.
+
+        Recovery recomputes from the token ids: each unfinished micro-batch
+        reruns its forward steps so far (the prompt, then one step per token
+        already generated, fed its known tokens) with the cache reset on every
+        worker, so the replacement's head shard and the survivors' caches are
+        rebuilt by the same arithmetic as the first time, and generation goes
+        on bit for bit. It costs no memory beyond the token ids; its time is
+        about that of the steps replayed (the generation so far).
+        """
+        detected = time.perf_counter()
+        recovery = RecoveryStats(worker, str(failure), detected - failed_runner.last_posted)
+        lost = self.links[worker]
+        # The survivors answer every request they got: take those replies, so that
+        # none lands in a receive the replay posts. In posting order across the
+        # micro-batches: a link matches replies to receives in the order posted.
+        outstanding = sorted(entry for runner in runners.values() for entry in runner.outstanding)
+        for _, link, pending in outstanding:
+            if link is not lost:
+                self._drain(pending, "recovering (taking a reply of the failed step)")
+        for runner in runners.values():
+            for index, pending in enumerate(runner.pending_sends):
+                if pending is not None and self.links[index] is not lost:
+                    self._drain(pending, "recovering (finishing a send of the failed step)")
+        lost.close()
+        replacement = self.replace_worker(worker, failure)
+        self.links[worker] = replacement
+        self._setup_workers(max_tokens_per_message)  # survivors drop their caches: the replay rebuilds them
+        self._resumed_at = time.perf_counter()
+        recovery.replace_s = self._resumed_at - detected
+        stats.recoveries.append(recovery)
+
+    def _drain(self, pending, action: str) -> None:
+        try:
+            with torch.inference_mode():  # the buffers were made in the micro-batch's inference mode
+                pending.wait(self.timeout)
+        except WorkerFailure as failure:
+            raise PipelineError(f"{failure} ({action})") from failure
+
+    def _generate_micro_batch(self, runner: MicroBatchRunner, state: "_MicroBatchState",
+                              max_new_tokens: int) -> None:
+        """Greedy loop mirroring ``generate``: positions from the mask, pad after EOS, stop when all finished.
+
+        Steps whose tokens ``state`` already holds (after a recovery) are
+        replayed: computed again with their known token as input, their
+        choice checked against the one made the first time, nothing emitted.
+        """
+        input_ids, attention_mask = state.input_ids, state.attention_mask
         batch = input_ids.shape[0]
+        known = len(state.generated)
         cache = PassThroughCache(self.geometry.num_layers)
         extra = {**forward_kwargs(self.model), **cache_kwargs(self.model, cache)}
         eos = torch.tensor(_eos_ids(self.model), dtype=torch.long, device=self.device)
@@ -439,30 +565,37 @@ class ModelWorker:
         position_ids.masked_fill_(mask == 0, 1)
         step_ids, step_positions = input_ids, position_ids
         unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
-        generated = []
         for step in range(max_new_tokens):
-            runner.decoding = step > 0
+            replaying = step < known
+            runner.decoding = step > 0 and not replaying
             runner.begin(batch, step_ids.shape[1], mask.bool() if step == 0 else None, reset=step == 0)
             logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
                                 use_cache=True, **extra, **{CONTEXT_KWARG: runner}).logits
             next_tokens = logits[:, -1, :].argmax(dim=-1)
             runner.end_step()
-            token_at = time.perf_counter()
-            if step > 0:
-                runner.stats.token_intervals.append(token_at - last_token_at)
-            last_token_at = token_at
             if eos.numel():
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+            if replaying:
+                if not torch.equal(next_tokens, state.generated[step]):
+                    raise PipelineError(f"recovery diverged: micro-batch {runner.index} chose other tokens at step "
+                                        f"{step} than before the loss")
+                if step == known - 1:
+                    state.replayed_at = time.perf_counter()
+            else:
+                token_at = time.perf_counter()
+                if step > 0:
+                    runner.stats.token_intervals.append(token_at - state.last_token_at)
+                state.last_token_at = token_at
+                state.generated.append(next_tokens)
+                if step == 0:
+                    state.first_token_at = token_at
+            if eos.numel():
                 unfinished &= ~torch.isin(next_tokens, eos)
-            generated.append(next_tokens)
-            if step == 0:
-                on_first_token()
             if not bool(unfinished.any()):
                 break
             step_ids = next_tokens[:, None]
             step_positions = step_positions[:, -1:] + 1
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        return torch.stack(generated, dim=1)
 
     def worker_stats(self) -> list[WorkerStats]:
         """Ask every attention worker for its counters."""

@@ -50,40 +50,45 @@ class LocalCluster:
 
     def __init__(self, count: int, transport: str = "auto", device: str = "cpu", timeout: float | None = 30.0,
                  threads_per_worker: int = 1, idle_timeout: float | None = None,
-                 crash_worker: int | None = None, crash_after_messages: int | None = None):
+                 crash_worker: int | None = None, crash_after_messages: int | None = None,
+                 kill_worker: tuple[int, int] | None = None):
         import lamina_net
 
         self.count, self.timeout = count, timeout
+        self.transport_choice, self.device = transport, device
         self.processes: list[subprocess.Popen] = []
         self.endpoint = None
         self.links: list[Link] = []
-        store = f"127.0.0.1:{free_port()}"
-        group = f"lamina-decode-{uuid.uuid4().hex[:8]}"
+        self.replacements = 0
+        self._replacement_endpoints: list = []
+        self._retired: list[subprocess.Popen] = []  # replaced workers (killed), reaped at close
+        self.store = f"127.0.0.1:{free_port()}"
+        self.group = f"lamina-decode-{uuid.uuid4().hex[:8]}"
         env = dict(os.environ, LAMINA_DECODE_WORKER_THREADS=str(threads_per_worker))
         env.setdefault("LOCAL_WORLD_SIZE", str(count + 1))  # every rank on this host (see _local_world)
         # The children must import this very lamina_net, wherever it was loaded
         # from: `python -m` puts the working directory first on sys.path, so
         # they start in the directory that holds this package (from a
         # checkout's root they would otherwise import the source tree).
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self._package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (self._package_root, env.get("PYTHONPATH")) if p)
+        self._env = env
         self._stderr_files: list = []
-        idle_timeout = idle_timeout if idle_timeout is not None else max(600.0, timeout or 0.0)
+        self._idle_timeout = idle_timeout if idle_timeout is not None else max(600.0, timeout or 0.0)
         try:
             for rank in range(1, count + 1):
-                command = [sys.executable, "-m", "lamina_net.decode.attention_worker", "--rank", str(rank),
-                           "--world-size", str(count + 1), "--store", store, "--group", group,
-                           "--transport", transport, "--device", device, "--idle-timeout", str(idle_timeout)]
-                if timeout is not None:
-                    command += ["--timeout", str(timeout)]
+                faults = []
                 if crash_worker == rank - 1 and crash_after_messages is not None:
-                    command += ["--crash-after-messages", str(crash_after_messages)]
-                stderr = tempfile.TemporaryFile(mode="w+b")
-                self._stderr_files.append(stderr)
-                self.processes.append(subprocess.Popen(command, env=env, cwd=package_root, stderr=stderr))
+                    faults += ["--crash-after-messages", str(crash_after_messages)]
+                if kill_worker is not None and kill_worker[0] == rank:
+                    faults += ["--kill-at-step", str(kill_worker[1])]
+                self.processes.append(self._start_worker(rank, count + 1, self.group, faults))
             with local_world_size(count + 1):
-                self.endpoint = lamina_net.Endpoint(0, count + 1, store=store, group=group, timeout=timeout)
-            self._wait_for_workers(group, timeout)
+                self.endpoint = lamina_net.Endpoint(0, count + 1, store=self.store, group=self.group,
+                                                    timeout=timeout)
+            for rank, process in enumerate(self.processes, start=1):
+                self._wait_for_worker(self.endpoint, self.group, rank, process, f"attention worker {rank - 1} "
+                                      f"(rank {rank})")
             for rank in range(1, count + 1):
                 channel = self.endpoint.channel(rank, transport=transport)
                 self.links.append(ChannelLink(channel, f"attention worker {rank - 1} (rank {rank})", timeout))
@@ -94,26 +99,68 @@ class LocalCluster:
                 raise self.explain(failure) from failure
             raise
 
-    def _wait_for_workers(self, group: str, timeout: float | None) -> None:
-        """Waits until every worker's endpoint is up; a worker that exits first fails at once."""
+    def _start_worker(self, rank: int, world_size: int, group: str, extra: list[str]) -> subprocess.Popen:
+        command = [sys.executable, "-m", "lamina_net.decode.attention_worker", "--rank", str(rank),
+                   "--world-size", str(world_size), "--store", self.store, "--group", group,
+                   "--transport", self.transport_choice, "--device", self.device,
+                   "--idle-timeout", str(self._idle_timeout)] + extra
+        if self.timeout is not None:
+            command += ["--timeout", str(self.timeout)]
+        stderr = tempfile.TemporaryFile(mode="w+b")
+        self._stderr_files.append(stderr)
+        return subprocess.Popen(command, env=self._env, cwd=self._package_root, stderr=stderr)
+
+    def _wait_for_worker(self, endpoint, group: str, rank: int, process: subprocess.Popen, name: str) -> None:
+        """Waits until the worker's endpoint is up; a worker that exits first fails at once."""
         # Starting a worker is importing torch and transformers, not a network
         # wait: give it at least a minute (a worker that dies is noticed at once).
-        start_bound = max(timeout or 0.0, 60.0) if timeout is not None else 600.0
+        start_bound = max(self.timeout or 0.0, 60.0) if self.timeout is not None else 600.0
         deadline = time.monotonic() + start_bound
-        store = self.endpoint._live_store()
-        for rank, process in enumerate(self.processes, start=1):
-            while True:
-                try:
-                    store.get(f"ln/{group}/{rank}/info", 0.1)  # published by the worker's Endpoint
-                    break
-                except TimeoutError:
-                    pass
-                if process.poll() is not None:
-                    raise self.explain(PipelineError(f"attention worker {rank - 1} (rank {rank}) exited before "
-                                                     "it connected"))
-                if time.monotonic() > deadline:
-                    raise PipelineError(f"attention worker {rank - 1} (rank {rank}) did not start within "
-                                        f"{start_bound:.3g} s")
+        store = endpoint._live_store()
+        while True:
+            try:
+                store.get(f"ln/{group}/{rank}/info", 0.1)  # published by the worker's Endpoint
+                return
+            except TimeoutError:
+                pass
+            if process.poll() is not None:
+                raise self.explain(PipelineError(f"{name} exited before it connected"))
+            if time.monotonic() > deadline:
+                raise PipelineError(f"{name} did not start within {start_bound:.3g} s")
+
+    def replace(self, index: int, failure: BaseException | None = None) -> Link:
+        """Starts a new process for attention worker ``index`` (head shard ``index``) and returns its link.
+
+        The old process is killed if it still runs (a hung worker is replaced
+        too). The replacement joins a group of its own, ``<group>-r<N>``, as
+        rank 1 of 2 through the same store, so no rank of the running group
+        is reused. ``self.links[index]`` becomes the new link.
+        """
+        import lamina_net
+
+        old = self.processes[index]
+        if old.poll() is None:
+            old.kill()
+        old.wait()
+        self._retired.append(old)
+        self.replacements += 1
+        group = f"{self.group}-r{self.replacements}"
+        name = f"attention worker {index} (replacement {self.replacements})"
+        process = self._start_worker(1, 2, group, [])
+        self.processes[index] = process
+        self._stderr_files[index], retired_stderr = self._stderr_files[-1], self._stderr_files[index]
+        self._stderr_files[-1] = retired_stderr
+        try:
+            with local_world_size(self.count + 1):
+                endpoint = lamina_net.Endpoint(0, 2, store=self.store, group=group, timeout=self.timeout)
+            self._replacement_endpoints.append(endpoint)
+            self._wait_for_worker(endpoint, group, 1, process, name)
+            link = ChannelLink(endpoint.channel(1, transport=self.transport_choice), name, self.timeout)
+        except (lamina_net.LaminaError, TimeoutError) as problem:
+            raise self.explain(PipelineError(f"could not replace attention worker {index}: "
+                                             f"{type(problem).__name__}: {problem}")) from problem
+        self.links[index] = link
+        return link
 
     def _last_stderr_lines(self, index: int, count: int = 5) -> str:
         try:
@@ -154,13 +201,16 @@ class LocalCluster:
         """Close the links and the endpoint; wait for the workers, killing those that linger."""
         for link in self.links:
             link.close()
-        if self.endpoint is not None:
-            try:
-                self.endpoint.close()
-            except Exception:  # closing after a failure must not hide it
-                pass
-            self.endpoint = None
+        for endpoint in [*self._replacement_endpoints, self.endpoint]:
+            if endpoint is not None:
+                try:
+                    endpoint.close()
+                except Exception:  # closing after a failure must not hide it
+                    pass
+        self._replacement_endpoints, self.endpoint = [], None
         deadline = time.monotonic() + grace
+        for process in self._retired:
+            process.wait()  # killed when it was replaced
         for process in self.processes:
             try:
                 process.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -199,13 +249,18 @@ class LocalCluster:
 def run_local_pipeline(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int,
                        attention_workers: int = 2, micro_batches: int = 1, transport: str = "auto",
                        worker_device: str = "cpu", timeout: float | None = 30.0, threads_per_worker: int = 1,
-                       crash_worker: int | None = None, crash_after_messages: int | None = None) -> PipelineResult:
+                       crash_worker: int | None = None, crash_after_messages: int | None = None,
+                       recover: bool = False, kill_worker: tuple[int, int] | None = None) -> PipelineResult:
     """Generate ``new_tokens`` greedily with attention on ``attention_workers`` local processes.
 
     ``transport="loopback"`` serves the attention shards in this process
-    instead (no lamina-net). ``crash_worker``/``crash_after_messages`` inject
-    a fault: that worker SIGKILLs itself after so many layer messages.
-    Raises :class:`~.link.PipelineError` when a worker fails or times out.
+    instead (no lamina-net). Faults, injected for tests and demos:
+    ``crash_worker``/``crash_after_messages``: that worker (index) SIGKILLs
+    itself after so many layer messages; ``kill_worker=(rank, step)``: the
+    worker of that rank (1..attention_workers) SIGKILLs itself at that
+    forward step (0: the prefill). ``recover``: a lost worker is replaced by
+    a new process and the generation goes on (``result.stats.recoveries``);
+    otherwise, and when a recovery fails, raises :class:`~.link.PipelineError`.
     """
     if transport == "loopback":
         from .attention_shard import AttentionServer
@@ -225,9 +280,13 @@ def run_local_pipeline(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     if micro_batches > input_ids.shape[0]:
         raise ValueError(f"{micro_batches} micro-batches need a batch of at least {micro_batches} requests")
 
+    if kill_worker is not None and not 1 <= kill_worker[0] <= attention_workers:
+        raise ValueError(f"kill_worker rank {kill_worker[0]} is not an attention worker's (1..{attention_workers})")
     with LocalCluster(attention_workers, transport, worker_device, timeout, threads_per_worker,
-                      crash_worker=crash_worker, crash_after_messages=crash_after_messages) as cluster:
-        worker = ModelWorker(model, cluster.links, micro_batches, timeout)
+                      crash_worker=crash_worker, crash_after_messages=crash_after_messages,
+                      kill_worker=kill_worker) as cluster:
+        worker = ModelWorker(model, cluster.links, micro_batches, timeout,
+                             replace_worker=cluster.replace if recover else None)
         try:
             tokens = worker.generate(input_ids, attention_mask, new_tokens)
             return PipelineResult(tokens, worker.last_stats, worker.worker_stats(), cluster.transport)
