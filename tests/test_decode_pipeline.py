@@ -226,6 +226,7 @@ def test_cli_without_recover_a_killed_worker_fails_the_run():
     (["--kill-attention-worker", "0@1"], "not an attention worker"),
     (["--kill-attention-worker", "1@8"], "never runs with --new-tokens 8"),
     (["--recover", "--transport", "loopback"], "loopback"),
+    (["--ray-address", "auto"], "needs --launcher ray"),
 ])
 def test_cli_rejects_bad_fault_flags(flags, message):
     done = _cli(*flags)

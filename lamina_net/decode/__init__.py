@@ -21,6 +21,9 @@ _EXPORTS = {
     "PipelineError": "link",
     "WorkerFailure": "link",
     "run_local_pipeline": "pipeline",
+    "LocalCluster": "pipeline",
+    "RayCluster": "ray_launcher",
+    "run_ray_pipeline": "ray_launcher",
 }
 
 __all__ = sorted(_EXPORTS)

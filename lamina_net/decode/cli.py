@@ -47,6 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="micro-batches in flight (rotational staggered pipelining); 1 = plain disaggregation")
     pipe.add_argument("--transport", default="auto", choices=("auto", "tcp", "shm", "verbs", "loopback"),
                       help="lamina-net transport; loopback = attention in this process, no network")
+    pipe.add_argument("--launcher", choices=("local", "ray"), default="local",
+                      help="local: attention workers as child processes of this one; ray: model and attention "
+                           "workers as Ray actors in one placement group (pip install 'lamina-net[ray]')")
+    pipe.add_argument("--ray-address", default=None, metavar="ADDR",
+                      help="Ray cluster to join (e.g. auto or HOST:6379); default: start a one-node Ray here "
+                           "that offers both resources")
+    pipe.add_argument("--ray-compute-resource", default="lamina_compute", metavar="NAME",
+                      help="Ray resource of the nodes that take the model worker (default lamina_compute)")
+    pipe.add_argument("--ray-attention-resource", default="lamina_attention", metavar="NAME",
+                      help="Ray resource of the nodes that take the attention workers (default lamina_attention)")
     pipe.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (model and attention workers)")
     pipe.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent worker is an error")
     pipe.add_argument("--worker-threads", type=int, default=1, help="torch threads per local attention worker")
@@ -59,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     faults = parser.add_argument_group("faults")
     faults.add_argument("--recover", action="store_true",
-                        help="replace a lost attention worker with a new local process, rebuild its KV cache by "
-                             "recomputing the steps so far from the token ids, and go on (local launcher only)")
+                        help="replace a lost attention worker with a new local process or Ray actor, rebuild the KV "
+                             "caches by recomputing the steps so far from the token ids, and go on")
     faults.add_argument("--kill-attention-worker", default=None, metavar="RANK@STEP",
                         help="(testing, demos) the attention worker of lamina-net rank RANK (1..N) kills itself "
                              "(SIGKILL) at forward step STEP (0: the prefill; STEP k: after k tokens)")
@@ -109,6 +119,13 @@ def _validate(args) -> None:
                                f"{args.new_tokens} (steps 0..{args.new_tokens - 1})")
     if args.transport == "loopback" and (args.recover or args.kill_worker):
         raise UsageProblem("--recover and --kill-attention-worker need attention worker processes, not loopback")
+    if args.launcher != "ray" and args.ray_address:
+        raise UsageProblem("--ray-address needs --launcher ray")
+    if args.launcher == "ray":
+        if args.transport == "loopback":
+            raise UsageProblem("--launcher ray starts attention worker actors: not with --transport loopback")
+        if args.rank is not None or args.world_size is not None:
+            raise UsageProblem("--launcher ray places every worker itself: not with --rank/--world-size")
 
 
 def _distributed_role(args) -> tuple[int, int] | None:
@@ -184,6 +201,8 @@ def _run(args) -> int:
         if args.recover or args.kill_worker:
             raise UsageProblem("--recover and --kill-attention-worker need the local launcher (it starts the "
                                "replacement); under torchrun the launcher owns the processes")
+        if args.launcher == "ray":
+            raise UsageProblem("--launcher ray places every worker itself: not under torchrun")
 
     try:
         model = build_model(args, device)
@@ -201,7 +220,16 @@ def _run(args) -> int:
         reference_generate(model, input_ids, attention_mask, 1)  # warm-up, so the timing below is fair
         monolithic = timed_reference_generate(model, input_ids, attention_mask, args.new_tokens)
     try:
-        if role is None:
+        if role is None and args.launcher == "ray":
+            from .ray_launcher import run_ray_pipeline
+
+            result = run_ray_pipeline(
+                model, input_ids, attention_mask, args.new_tokens, args.attention_workers, args.micro_batches,
+                args.transport, str(device), args.timeout, args.ray_address, args.ray_compute_resource,
+                args.ray_attention_resource, args.worker_threads,
+                crash_worker=0 if args.inject_fault_after is not None else None,
+                crash_after_messages=args.inject_fault_after, recover=args.recover, kill_worker=args.kill_worker)
+        elif role is None:
             from .pipeline import run_local_pipeline
 
             result = run_local_pipeline(
@@ -310,8 +338,8 @@ def _report(args, geometry, partition, device, result, mismatches, monolithic) -
         "q_heads": geometry.num_q_heads, "kv_heads": geometry.num_kv_heads, "group_size": geometry.group_size,
         "dtype": str(geometry.dtype).replace("torch.", ""), "device": str(device),
         "attention_workers": partition.num_workers, "micro_batches": stats.micro_batches,
-        "transport": result.transport, "batch": stats.batch, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens,
+        "transport": result.transport, "launcher": args.launcher, "batch": stats.batch,
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "tokens_per_second": stats.tokens_per_second, "decode_tokens_per_second": stats.decode_tokens_per_second,
         "prefill_seconds": stats.prefill_seconds, "wall_seconds": stats.wall_seconds,
         "round_trip_per_layer_s": stats.round_trip_per_layer, "wait_per_layer_s": stats.wait_per_layer,
@@ -336,7 +364,8 @@ def _report(args, geometry, partition, device, result, mismatches, monolithic) -
     print(f"lamina-net decode: {geometry.model_type}, hidden {geometry.hidden_size}, {geometry.num_layers} layers, "
           f"{geometry.num_q_heads} q / {geometry.num_kv_heads} kv heads (G={geometry.group_size}), "
           f"{summary['dtype']} on {device}")
-    print(f"  attention workers: {partition.num_workers} over {result.transport} ({partition.describe()})")
+    launched = " (Ray actors)" if args.launcher == "ray" else ""
+    print(f"  attention workers: {partition.num_workers}{launched} over {result.transport} ({partition.describe()})")
     print(f"  micro-batches in flight: {stats.micro_batches}; batch {stats.batch} x prompt {args.prompt_len}"
           f"{' (ragged, left-padded)' if args.ragged else ''} -> {args.new_tokens} new tokens")
     print(f"  tokens/s: {stats.tokens_per_second:.1f} overall, {stats.decode_tokens_per_second:.1f} in decode "
@@ -358,7 +387,8 @@ def _report(args, geometry, partition, device, result, mismatches, monolithic) -
         offloaded, mono = summary["offloaded"], summary["monolithic"]
         tbt = offloaded["time_between_tokens_s"]
         network = offloaded["per_layer_s"]["network"]
-        print(f"  time between tokens: p50 {tbt['p50'] * 1e3:.2f} ms, p99 {tbt['p99'] * 1e3:.2f} ms; per layer: network "
+        print(f"  time between tokens: p50 {tbt['p50'] * 1e3:.2f} ms, p99 {tbt['p99'] * 1e3:.2f} ms; "
+              f"per layer: network "
               f"{'n/a' if network is None else f'{network * us:.0f} us'}, compute "
               f"{offloaded['per_layer_s']['compute'] * us:.0f} us" if tbt["samples"] else "  (no decode steps)")
         mono_tbt = mono["time_between_tokens_s"]
