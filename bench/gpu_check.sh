@@ -74,7 +74,7 @@ sys.exit(0 if _core.HAVE_CUDA and _core.HAVE_CUDA_KERNELS and "older" not in v a
 EOF
 
 step "GPU tests"
-if ! timeout 330 "$PY" -m pytest tests/test_gpu.py tests/test_gpu_device.py -q -rs -p no:cacheprovider \
+if ! timeout 330 "$PY" -m pytest tests/test_gpu.py tests/test_gpu_device.py tests/test_cuda_sendrecv.py -q -rs -p no:cacheprovider \
     2>&1 | tee "$out/tests.log"; then
   failed+=("tests")
 fi

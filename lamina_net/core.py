@@ -302,6 +302,62 @@ class Handle:
         return self._op.value
 
 
+def _address_of(staging: bytearray) -> int:
+    import ctypes
+
+    return ctypes.addressof((ctypes.c_char * len(staging)).from_buffer(staging)) if staging else 0
+
+
+def _cuda_copy(dst: int, src: int, nbytes: int) -> None:
+    """The host/GPU copy of staged send/recv (a module attribute, so tests on machines without a GPU can
+    stand a host copy in for it and check the staging itself)."""
+    _core.cuda_copy(dst, src, nbytes)
+
+
+class _StagedReceive(Handle):
+    """A receive of GPU memory: lands in host ``staging``, copied up to the GPU buffer once, on completion."""
+
+    __slots__ = ("_target", "_staging", "_copied", "_copy_error")
+
+    def __init__(self, channel: "Channel", op, what: str, target: Buffer, staging: bytearray):
+        super().__init__(channel, op, what, target.owner, "value")
+        self._target, self._staging = target, staging
+        self._copied, self._copy_error = False, None
+
+    def _copy_up(self) -> None:
+        if self._copied or not self._op.done or self._op.failed:
+            return
+        if self._copy_error is not None:
+            raise self._copy_error
+        try:
+            _cuda_copy(self._target.ptr, _address_of(self._staging), self._op.value)
+        except BaseException as failure:  # every later look at the handle reports it, not a stale success
+            self._copy_error = failure
+            raise
+        self._copied, self._staging = True, bytearray()
+
+    def test(self) -> bool:
+        complete = super().test()
+        if complete:
+            self._copy_up()
+        return complete
+
+    def wait(self, timeout: Optional[float] = None):
+        super().wait(timeout)
+        self._copy_up()
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        if not self._op.done:
+            return False
+        try:
+            self._copy_up()
+        except BaseException:  # kept: wait() and test() raise it
+            pass
+        return True
+
+
 class Channel:
     """An ordered connection between this rank and one peer over one transport."""
 
@@ -428,15 +484,30 @@ class Channel:
         return self.iatomic_add(dst, offset, value, timeout).wait(timeout)
 
     def isend(self, data, timeout: Optional[float] = None) -> Handle:
-        """Sends one message (ordered). The source may be reused once this returns."""
+        """Sends one message (ordered). The source may be reused once this returns.
+
+        GPU memory is staged through host memory (copied down after the stream
+        work that produced it) on every transport.
+        """
         buf = as_buffer(data)
+        ptr, keep = buf.ptr, None
         if buf.cuda:
-            raise UsageError("send/recv of CUDA memory is not supported yet; use put into a registered region")
-        op = self._live().send(buf.ptr, buf.nbytes, _check_timeout(timeout))
-        return Handle(self, op, f"send of {buf.nbytes} bytes", None, "value")
+            ptr, keep = self._stage_down(buf)
+        op = self._live().send(ptr, buf.nbytes, _check_timeout(timeout))
+        return Handle(self, op, f"send of {buf.nbytes} bytes", keep, "value")
 
     def send(self, data, timeout: Optional[float] = None) -> None:
         self.isend(data, timeout).wait(timeout)
+
+    @staticmethod
+    def _stage_down(buf: Buffer) -> tuple[int, Any]:
+        if not _core.HAVE_CUDA:
+            raise UsageError("CUDA memory needs lamina-net built with CUDA")
+        wait_for_producer(buf.owner)
+        staging = bytearray(buf.nbytes)
+        address = _address_of(staging)
+        _cuda_copy(address, buf.ptr, buf.nbytes)
+        return address, staging
 
     def irecv(self, out) -> Handle:
         """Posts a receive into ``out``; the handle's result is the message size in bytes.
@@ -444,12 +515,19 @@ class Channel:
         Receives complete in posting order. A message larger than ``out`` fails
         that receive with UsageError (the message is dropped). A wait that times
         out withdraws the receive, so the next message goes to the next one.
+        GPU memory receives into host memory first; the copy up is made when
+        the handle is first seen complete (``wait``, ``test`` or ``done``).
         """
         buf = as_buffer(out, writable=True)
         if buf.cuda:
-            raise UsageError("send/recv of CUDA memory is not supported yet; use put into a registered region")
-        op = self._live().recv(buf.ptr, buf.nbytes)
-        handle = Handle(self, op, f"recv into {buf.nbytes} bytes", buf.owner, "value")
+            if not _core.HAVE_CUDA:
+                raise UsageError("CUDA memory needs lamina-net built with CUDA")
+            staging = bytearray(buf.nbytes)
+            op = self._live().recv(_address_of(staging), buf.nbytes)
+            handle: Handle = _StagedReceive(self, op, f"recv into {buf.nbytes} bytes", buf, staging)
+        else:
+            op = self._live().recv(buf.ptr, buf.nbytes)
+            handle = Handle(self, op, f"recv into {buf.nbytes} bytes", buf.owner, "value")
         self._pending_recvs = [h for h in self._pending_recvs if not h._op.done] + [handle]
         return handle
 

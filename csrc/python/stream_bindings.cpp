@@ -52,6 +52,11 @@ void bind_stream_ops(py::module_& m) {
     py::gil_scoped_release release;
     cuda_stream_synchronize(stream);
   });
+  // Host staging of send/recv of GPU memory (lamina_net/core.py): a blocking copy on lamina-net's stream.
+  m.def("cuda_copy", [](uintptr_t dst, uintptr_t src, uint64_t len) {
+    py::gil_scoped_release release;
+    cuda_copy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), len);
+  });
 
   auto proxy = py::reinterpret_borrow<py::class_<DeviceProxy, std::shared_ptr<DeviceProxy>>>(m.attr("DeviceProxy"));
   proxy.def(
