@@ -246,6 +246,20 @@ class LocalCluster:
                 pass
 
 
+def check_pipeline_arguments(model, input_ids: torch.Tensor, attention_workers: int, micro_batches: int,
+                             kill_worker: tuple[int, int] | None) -> None:
+    """What a launcher checks before it starts any worker, so that bad input fails fast."""
+    from .converter import check_convertible
+    from .partition import partition_heads
+
+    geometry = check_convertible(model)
+    partition_heads(geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim, attention_workers)
+    if micro_batches > input_ids.shape[0]:
+        raise ValueError(f"{micro_batches} micro-batches need a batch of at least {micro_batches} requests")
+    if kill_worker is not None and not 1 <= kill_worker[0] <= attention_workers:
+        raise ValueError(f"kill_worker rank {kill_worker[0]} is not an attention worker's (1..{attention_workers})")
+
+
 def run_local_pipeline(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_tokens: int,
                        attention_workers: int = 2, micro_batches: int = 1, transport: str = "auto",
                        worker_device: str = "cpu", timeout: float | None = 30.0, threads_per_worker: int = 1,
@@ -271,17 +285,7 @@ def run_local_pipeline(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         tokens = worker.generate(input_ids, attention_mask, new_tokens)
         return PipelineResult(tokens, worker.last_stats, worker.worker_stats(), "loopback")
 
-    # Validate before starting processes, so that bad input fails fast.
-    from .converter import check_convertible
-    from .partition import partition_heads
-
-    geometry = check_convertible(model)
-    partition_heads(geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim, attention_workers)
-    if micro_batches > input_ids.shape[0]:
-        raise ValueError(f"{micro_batches} micro-batches need a batch of at least {micro_batches} requests")
-
-    if kill_worker is not None and not 1 <= kill_worker[0] <= attention_workers:
-        raise ValueError(f"kill_worker rank {kill_worker[0]} is not an attention worker's (1..{attention_workers})")
+    check_pipeline_arguments(model, input_ids, attention_workers, micro_batches, kill_worker)
     with LocalCluster(attention_workers, transport, worker_device, timeout, threads_per_worker,
                       crash_worker=crash_worker, crash_after_messages=crash_after_messages,
                       kill_worker=kill_worker) as cluster:

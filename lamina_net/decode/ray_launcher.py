@@ -24,7 +24,7 @@ import time
 import uuid
 
 from .link import ChannelLink, PipelineError
-from .pipeline import PipelineResult
+from .pipeline import PipelineResult, check_pipeline_arguments
 
 COMPUTE_RESOURCE = "lamina_compute"
 ATTENTION_RESOURCE = "lamina_attention"
@@ -339,15 +339,7 @@ def run_ray_pipeline(model, input_ids, attention_mask, new_tokens: int, attentio
                      crash_after_messages: int | None = None, recover: bool = False,
                      kill_worker: tuple[int, int] | None = None) -> PipelineResult:
     """:func:`.pipeline.run_local_pipeline` with the workers as Ray actors (see :class:`RayCluster`)."""
-    from .converter import check_convertible
-    from .partition import partition_heads
-
-    geometry = check_convertible(model)
-    partition_heads(geometry.num_q_heads, geometry.num_kv_heads, geometry.head_dim, attention_workers)
-    if micro_batches > input_ids.shape[0]:
-        raise ValueError(f"{micro_batches} micro-batches need a batch of at least {micro_batches} requests")
-    if kill_worker is not None and not 1 <= kill_worker[0] <= attention_workers:
-        raise ValueError(f"kill_worker rank {kill_worker[0]} is not an attention worker's (1..{attention_workers})")
+    check_pipeline_arguments(model, input_ids, attention_workers, micro_batches, kill_worker)
     with RayCluster(attention_workers, transport, worker_device, timeout, address, compute_resource,
                     attention_resource, threads_per_worker, crash_worker, crash_after_messages,
                     kill_worker) as cluster:
