@@ -82,7 +82,9 @@ class LocalCluster:
                     faults += ["--crash-after-messages", str(crash_after_messages)]
                 if kill_worker is not None and kill_worker[0] == rank:
                     faults += ["--kill-at-step", str(kill_worker[1])]
-                self.processes.append(self._start_worker(rank, count + 1, self.group, faults))
+                process, stderr = self._start_worker(rank, count + 1, self.group, faults)
+                self.processes.append(process)
+                self._stderr_files.append(stderr)
             with local_world_size(count + 1):
                 self.endpoint = lamina_net.Endpoint(0, count + 1, store=self.store, group=self.group,
                                                     timeout=timeout)
@@ -99,7 +101,8 @@ class LocalCluster:
                 raise self.explain(failure) from failure
             raise
 
-    def _start_worker(self, rank: int, world_size: int, group: str, extra: list[str]) -> subprocess.Popen:
+    def _start_worker(self, rank: int, world_size: int, group: str, extra: list[str]):
+        """A worker process and the temporary file its stderr goes to."""
         command = [sys.executable, "-m", "lamina_net.decode.attention_worker", "--rank", str(rank),
                    "--world-size", str(world_size), "--store", self.store, "--group", group,
                    "--transport", self.transport_choice, "--device", self.device,
@@ -107,8 +110,7 @@ class LocalCluster:
         if self.timeout is not None:
             command += ["--timeout", str(self.timeout)]
         stderr = tempfile.TemporaryFile(mode="w+b")
-        self._stderr_files.append(stderr)
-        return subprocess.Popen(command, env=self._env, cwd=self._package_root, stderr=stderr)
+        return subprocess.Popen(command, env=self._env, cwd=self._package_root, stderr=stderr), stderr
 
     def _wait_for_worker(self, endpoint, group: str, rank: int, process: subprocess.Popen, name: str) -> None:
         """Waits until the worker's endpoint is up; a worker that exits first fails at once."""
@@ -146,10 +148,9 @@ class LocalCluster:
         self.replacements += 1
         group = f"{self.group}-r{self.replacements}"
         name = f"attention worker {index} (replacement {self.replacements})"
-        process = self._start_worker(1, 2, group, [])
+        self._stderr_files[index].close()  # what the lost worker said is in the failure already
+        process, self._stderr_files[index] = self._start_worker(1, 2, group, [])
         self.processes[index] = process
-        self._stderr_files[index], retired_stderr = self._stderr_files[-1], self._stderr_files[index]
-        self._stderr_files[-1] = retired_stderr
         try:
             with local_world_size(self.count + 1):
                 endpoint = lamina_net.Endpoint(0, 2, store=self.store, group=group, timeout=self.timeout)
@@ -237,13 +238,18 @@ class LocalCluster:
 
     def stop_workers(self) -> None:
         """Ask every worker to exit (best effort)."""
-        stop = torch.zeros(8, dtype=torch.int64)
-        stop[0] = Kind.STOP
-        for link in self.links:
-            try:
-                link.send(stop, self.timeout)
-            except PipelineError:
-                pass
+        stop_workers(self.links, self.timeout)
+
+
+def stop_workers(links: list[Link], timeout: float | None) -> None:
+    """Sends STOP on every link (best effort: a worker already gone is skipped)."""
+    stop = torch.zeros(8, dtype=torch.int64)
+    stop[0] = Kind.STOP
+    for link in links:
+        try:
+            link.send(stop, timeout)
+        except PipelineError:
+            pass
 
 
 def check_pipeline_arguments(model, input_ids: torch.Tensor, attention_workers: int, micro_batches: int,

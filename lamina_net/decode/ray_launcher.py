@@ -24,7 +24,7 @@ import time
 import uuid
 
 from .link import ChannelLink, PipelineError
-from .pipeline import PipelineResult, check_pipeline_arguments
+from .pipeline import PipelineResult, check_pipeline_arguments, stop_workers
 
 COMPUTE_RESOURCE = "lamina_compute"
 ATTENTION_RESOURCE = "lamina_attention"
@@ -141,17 +141,8 @@ class _ModelActor:
         return list(self.spec["serving"])
 
     def stop(self) -> None:
-        import torch
-
-        from .protocol import Kind
-
-        stop = torch.zeros(8, dtype=torch.int64)
-        stop[0] = Kind.STOP
+        stop_workers(self.links, self.spec["timeout"])
         for link in self.links:
-            try:
-                link.send(stop, self.spec["timeout"])
-            except PipelineError:
-                pass
             link.close()
         for endpoint in self.endpoints:
             try:
