@@ -302,6 +302,11 @@ class Handle:
         return self._op.value
 
 
+def _require_cuda_build() -> None:
+    if not _core.HAVE_CUDA:
+        raise UsageError("CUDA memory needs lamina-net built with CUDA")
+
+
 def _address_of(staging: bytearray) -> int:
     import ctypes
 
@@ -393,8 +398,8 @@ class Channel:
         else:
             buf = as_buffer(src)
             base, total, keep, cuda = buf.ptr, buf.nbytes, buf.owner, buf.cuda
-        if cuda and not _core.HAVE_CUDA:
-            raise UsageError("CUDA memory needs lamina-net built with CUDA")
+        if cuda:
+            _require_cuda_build()
         src_offset = _check_uint("src_offset", src_offset)
         n = total - src_offset if nbytes is None else _check_uint("nbytes", nbytes)
         if src_offset > total or n > total - src_offset:
@@ -501,8 +506,7 @@ class Channel:
 
     @staticmethod
     def _stage_down(buf: Buffer) -> tuple[int, Any]:
-        if not _core.HAVE_CUDA:
-            raise UsageError("CUDA memory needs lamina-net built with CUDA")
+        _require_cuda_build()
         wait_for_producer(buf.owner)
         staging = bytearray(buf.nbytes)
         address = _address_of(staging)
@@ -520,8 +524,7 @@ class Channel:
         """
         buf = as_buffer(out, writable=True)
         if buf.cuda:
-            if not _core.HAVE_CUDA:
-                raise UsageError("CUDA memory needs lamina-net built with CUDA")
+            _require_cuda_build()
             staging = bytearray(buf.nbytes)
             op = self._live().recv(_address_of(staging), buf.nbytes)
             handle: Handle = _StagedReceive(self, op, f"recv into {buf.nbytes} bytes", buf, staging)
