@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -59,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="comma-separated: host (the host API, default), device (the device API from CPU threads, "
                           "through the descriptor ring and its proxy thread; --op put only), or host,device for "
                           "both side by side with the device/host ratio")
+    lat.add_argument("--repeat", type=int, default=1,
+                     help="rounds of the whole sweep (lamina-net, then the C references), one after the other; "
+                          "each figure and ratio is the median over the rounds of that round's value, so a noisy "
+                          "moment moves one round, not the result (default 1; local ranks only)")
 
     rate = sub.add_parser("rate", help="small puts per second through the device API's proxy (1..P producer "
                                        "threads, one proxy) against the host API's put from one thread")
@@ -419,6 +424,10 @@ def run_latency(args) -> int:
         raise SystemExit("lamina-net bench: --iterations and --warmup must be >= 0")
     if args.timeout <= 0:
         raise SystemExit("lamina-net bench: --timeout must be > 0")
+    if args.repeat < 1:
+        raise SystemExit("lamina-net bench: --repeat must be >= 1")
+    if args.repeat > 1 and args.rank is not None:
+        raise SystemExit("lamina-net bench: --repeat runs local ranks only (without --rank)")
     if args.op == "write" and any(s % 8 for s in sizes):
         raise SystemExit("lamina-net bench: --op write needs sizes that are multiples of 8 (the last 8 bytes "
                          "carry the round number)")
@@ -437,32 +446,23 @@ def run_latency(args) -> int:
                                 args.warmup, args.timeout, f"bench-{t}", paths)
         if args.rank != 0:
             return 0
+        if not args.no_reference:
+            _compare_with_references(records, wanted, sizes, args)
     else:
-        records = []
         baselines = _baselines(args.baseline)
-        # One step per transport, the references and each baseline (each a sweep over the sizes).
-        bar = progress(len(wanted) + (not args.no_reference) + len(baselines), "bench latency")
-        for t in wanted:
-            records += run_local_pair(t, args.op, sizes, args.iterations, args.warmup, args.timeout, paths)
-            bar.update()
-    if not args.no_reference:
-        memcpy = run_memcpy_reference(sizes, args.iterations, args.warmup)
-        refs = {t: run_reference(t, sizes, args.iterations, args.warmup) for t in wanted if t in ("tcp", "shm")}
-        blocking = run_reference("tcp", sizes, args.iterations, args.warmup, "block") if "tcp" in wanted else {}
-        for r in records:
-            ref = refs.get(r["transport"], {}).get(r["size_bytes"])
-            if ref:
-                r["ref_p50_us"] = ref["p50_us"]
-                r["ref_p99_us"] = ref["p99_us"]
-                r["ratio_vs_ref"] = r["p50_us"] / ref["p50_us"] if ref["p50_us"] > 0 else None
-            block = blocking.get(r["size_bytes"]) if r["transport"] == "tcp" else None
-            if block:
-                r["blocking_ref_p50_us"] = block["p50_us"]
-                r["ratio_vs_blocking_ref"] = r["p50_us"] / block["p50_us"] if block["p50_us"] > 0 else None
-            if r["transport"] == "shm" and r["size_bytes"] in memcpy:
-                r["memcpy_us"] = memcpy[r["size_bytes"]]
-                r["ratio_vs_memcpy"] = r["p50_us"] / memcpy[r["size_bytes"]] if memcpy[r["size_bytes"]] > 0 else None
-        bar.update()
+        # Per round: one step per transport, then one for the references; then one per baseline (run once).
+        bar = progress(args.repeat * (len(wanted) + (not args.no_reference)) + len(baselines), "bench latency")
+        rounds = []
+        for _ in range(args.repeat):
+            one = []
+            for t in wanted:
+                one += run_local_pair(t, args.op, sizes, args.iterations, args.warmup, args.timeout, paths)
+                bar.update()
+            if not args.no_reference:
+                _compare_with_references(one, wanted, sizes, args)
+                bar.update()
+            rounds.append(one)
+        records = merge_rounds(rounds)
     baselines = _baselines(args.baseline) if args.rank is None else []
     for backend in baselines:
         base = run_torch_baseline(backend, sizes, args.iterations, args.warmup, args.timeout)
@@ -479,6 +479,59 @@ def run_latency(args) -> int:
     from .bench_report import emit
     emit(records, args, "latency")
     return 0
+
+
+def _compare_with_references(records: list[dict], wanted: list[str], sizes: list[int], args) -> None:
+    """Adds the C references' (and memcpy's) p50s to lamina-net's records and the ratios to them, measured now."""
+    memcpy = run_memcpy_reference(sizes, args.iterations, args.warmup)
+    refs = {t: run_reference(t, sizes, args.iterations, args.warmup) for t in wanted if t in ("tcp", "shm")}
+    blocking = run_reference("tcp", sizes, args.iterations, args.warmup, "block") if "tcp" in wanted else {}
+    for r in records:
+        ref = refs.get(r["transport"], {}).get(r["size_bytes"])
+        if ref:
+            r["ref_p50_us"] = ref["p50_us"]
+            r["ref_p99_us"] = ref["p99_us"]
+            r["ratio_vs_ref"] = r["p50_us"] / ref["p50_us"] if ref["p50_us"] > 0 else None
+        block = blocking.get(r["size_bytes"]) if r["transport"] == "tcp" else None
+        if block:
+            r["blocking_ref_p50_us"] = block["p50_us"]
+            r["ratio_vs_blocking_ref"] = r["p50_us"] / block["p50_us"] if block["p50_us"] > 0 else None
+        if r["transport"] == "shm" and r["size_bytes"] in memcpy:
+            r["memcpy_us"] = memcpy[r["size_bytes"]]
+            r["ratio_vs_memcpy"] = r["p50_us"] / memcpy[r["size_bytes"]] if memcpy[r["size_bytes"]] > 0 else None
+
+
+# Figures of a record that are medians over the rounds of --repeat (a ratio:
+# the median of each round's own ratio, both sides from the same moment).
+_ROUND_FIGURES = ("p50_us", "p99_us", "ref_p50_us", "ref_p99_us", "blocking_ref_p50_us", "memcpy_us",
+                  "ratio_vs_ref", "ratio_vs_blocking_ref", "ratio_vs_memcpy", "ratio_vs_host")
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One record per (transport, op, path, size) from R rounds of the same sweep.
+
+    Each figure is the median over the rounds; `rounds` says how many, and
+    `ref_ratio_by_round` lists the rounds' own ratios to the C reference so
+    the spread shows. A single round comes back unchanged.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    by_key: dict[tuple, list[dict]] = {}
+    for one in rounds:
+        for r in one:
+            by_key.setdefault((r["transport"], r["op"], r.get("path"), r["size_bytes"]), []).append(r)
+    merged = []
+    for same in by_key.values():
+        out = dict(same[0])
+        for key in _ROUND_FIGURES:
+            values = [r[key] for r in same if r.get(key) is not None]
+            if values:
+                out[key] = statistics.median(values)
+        out["rounds"] = len(same)
+        if any(r.get("ratio_vs_ref") is not None for r in same):
+            out["ref_ratio_by_round"] = [r.get("ratio_vs_ref") for r in same]
+        merged.append(out)
+    return merged
 
 
 # ---------------------------------------------------------------- bench rate

@@ -56,8 +56,8 @@ for name in $want; do
   case "$name" in
     latency)
       before=$(load)
-      cmd="lamina-net bench latency --json $out/latency.json --plot $out/latency.png"
-      "$py" -m lamina_net bench latency --json "$out/latency.json" --plot "$out/latency.png" | tee "$tmp/printed"
+      cmd="lamina-net bench latency --repeat 5 --json $out/latency.json --plot $out/latency.png"
+      "$py" -m lamina_net bench latency --repeat 5 --json "$out/latency.json" --plot "$out/latency.png" | tee "$tmp/printed"
       write_md latency "$cmd" "$tmp/printed" "$before" ;;
     bandwidth)
       before=$(load)

@@ -285,6 +285,42 @@ def test_bench_write_op_polls_the_payload_word(tmp_path):
     assert bad.returncode != 0 and "multiples of 8" in bad.stderr
 
 
+def test_bench_repeat_reports_the_median_of_each_rounds_ratio(tmp_path):
+    # --repeat R: R rounds of lamina-net then the C reference; a figure is
+    # the median over rounds of that round's own value.
+    path = tmp_path / "rounds.json"
+    proc = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--transport", "shm",
+                           "--sizes", "8,64", "--iterations", "100", "--warmup", "5", "--repeat", "3",
+                           "--baseline", "none", "--json", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(path.read_text())
+    assert sorted(r["size_bytes"] for r in records) == [8, 64]
+    for r in records:
+        assert r["rounds"] == 3 and len(r["ref_ratio_by_round"]) == 3
+        assert r["ratio_vs_ref"] == sorted(r["ref_ratio_by_round"])[1]
+    bad = subprocess.run([sys.executable, "-m", "lamina_net", "bench", "latency", "--repeat", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--repeat" in bad.stderr
+
+
+def test_merge_rounds_takes_each_figure_from_its_own_rounds():
+    from lamina_net.bench_cli import merge_rounds
+
+    def rec(size, p50, ref):
+        return {"transport": "shm", "op": "put", "path": "host", "size_bytes": size, "iterations": 10,
+                "p50_us": p50, "p99_us": 2 * p50, "ref_p50_us": ref, "ratio_vs_ref": p50 / ref}
+
+    # The slow second round is one of three: it moves neither p50 nor the ratio.
+    rounds = [[rec(8, 0.06, 0.03), rec(64, 0.07, 0.035)], [rec(8, 5.3, 0.03), rec(64, 0.08, 0.04)],
+              [rec(8, 0.05, 0.025), rec(64, 0.07, 0.035)]]
+    merged = {r["size_bytes"]: r for r in merge_rounds(rounds)}
+    assert merged[8]["p50_us"] == 0.06 and merged[8]["ratio_vs_ref"] == 2.0
+    assert merged[8]["ref_ratio_by_round"] == [2.0, 5.3 / 0.03, 2.0] and merged[8]["rounds"] == 3
+    assert merged[64]["ref_p50_us"] == 0.035 and merged[64]["p99_us"] == 0.14
+    assert merge_rounds([rounds[0]]) is rounds[0]
+
+
 def test_cuda_memory_without_a_gpu_is_a_clear_typed_error():
     class FakeCudaArray:  # what cupy / numba expose
         __cuda_array_interface__ = {"shape": (16,), "typestr": "<f4", "data": (0x7f0000000000, False),
