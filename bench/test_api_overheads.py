@@ -92,6 +92,20 @@ def test_put_signal_wait(benchmark, pair, size):
     assert bytes(pair.target.array[:size]) == bytes(pair.src.array[:size])
 
 
+def test_put_many_signal_wait(benchmark, pair):
+    """Three 1 KiB puts as one batch (one write on tcp), the last one signalling."""
+    puts = [ln.Put(pair.src, pair.remote, 1024 * i, src_offset=1024 * i, nbytes=1024) for i in range(3)]
+    puts[-1] = puts[-1]._replace(signal=pair.remote_sig)
+
+    def put_many_signal_wait():
+        pair.ch.put_many(puts)
+        pair.signals += 1
+        return pair.sig.wait(0, value=pair.signals, timeout=TIMEOUT)
+
+    assert benchmark(put_many_signal_wait) == pair.signals
+    assert bytes(pair.target.array[:3072]) == bytes(pair.src.array[:3072])
+
+
 def test_iput_wait(benchmark, pair):
     def iput_wait():
         handle = pair.ch.iput(pair.src, pair.remote, 128, nbytes=8)

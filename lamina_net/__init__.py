@@ -26,11 +26,11 @@ def _check_compiled_module() -> None:
 
 _check_compiled_module()
 
-from .core import Access, Channel, Endpoint, Handle, Region, RemoteRegion  # noqa: E402
+from .core import Access, Channel, Endpoint, Handle, Put, Region, RemoteRegion  # noqa: E402
 from .device import DeviceChannel, get_include  # noqa: E402
 from .store import StoreClient, StoreServer  # noqa: E402
 
 __all__ = [
-    "Access", "Channel", "DeviceChannel", "Endpoint", "Handle", "Region", "RemoteRegion", "StoreClient", "StoreServer", "get_include",
+    "Access", "Channel", "DeviceChannel", "Endpoint", "Handle", "Put", "Region", "RemoteRegion", "StoreClient", "StoreServer", "get_include",
     "LaminaError", "UsageError", "TransportError", "TimeoutError", "__version__",
 ]

@@ -19,7 +19,7 @@ import errno
 import operator
 import os
 import threading
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 from . import _core
 from . import _stream
@@ -264,6 +264,19 @@ class Region:
         return f"Region({state})"
 
 
+class Put(NamedTuple):
+    """One put of a batch for :meth:`Channel.put_many`: the arguments of :meth:`Channel.put`."""
+
+    src: Any
+    dst: "RemoteRegion"
+    dst_offset: int = 0
+    src_offset: int = 0
+    nbytes: Optional[int] = None
+    signal: Optional["RemoteRegion"] = None
+    signal_offset: int = 0
+    signal_add: int = 1
+
+
 class Handle:
     """A non-blocking operation. ``wait()`` blocks (bounded); ``test()`` polls.
 
@@ -460,6 +473,44 @@ class Channel:
         op, keep, n = self._put(src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, True,
                                 timeout)
         return Handle(self, op, f"put of {n} bytes", keep)
+
+    def _put_many(self, puts, want, timeout):
+        if isinstance(puts, Put):
+            raise UsageError("put_many takes a sequence of Put, not a single Put")
+        items, keep = [], []
+        for i, p in enumerate(puts):
+            if not isinstance(p, Put):
+                if not isinstance(p, tuple):
+                    raise UsageError(f"put_many: item {i} is a {type(p).__name__}, expected a lamina_net.Put")
+                p = Put(*p)
+            ptr, n, owner, cuda = self._source(p.src, p.src_offset, p.nbytes)
+            items.append((ptr, n, self._remote(p.dst), _check_uint("dst_offset", p.dst_offset),
+                          self._remote(p.signal) if p.signal is not None else None,
+                          _check_uint("signal_offset", p.signal_offset), _check_uint("signal_add", p.signal_add),
+                          cuda))
+            keep.append(owner)
+        op = self._live().put_many(items, want, _check_timeout(timeout))
+        return op, keep, len(items)
+
+    def put_many(self, puts: Sequence[Put], *, timeout: Optional[float] = None) -> None:
+        """Posts a batch of puts in order, as consecutive :meth:`put` calls would, in as few writes as can be.
+
+        Each item is a :class:`Put` (or a tuple of its fields). Every put is checked before any is
+        posted, so a bad one raises :class:`UsageError` naming its index and nothing is sent. Each
+        signal is applied after its own put's data, and puts apply in order, so a signal on the
+        last put covers the whole batch. Over tcp a run of up to 32 puts goes out in one
+        ``sendmsg``; shm writes each straight into the peer's memory; verbs posts them one by one.
+        Returns when the sources may be reused.
+        """
+        self._put_many(puts, False, timeout)
+
+    def iput_many(self, puts: Sequence[Put], *, timeout: Optional[float] = None) -> Handle:
+        """Like :meth:`put_many`, but the handle completes when every put is applied at the target.
+
+        Do not change the sources until then (see :meth:`iput`); the handle keeps them alive.
+        """
+        op, keep, n = self._put_many(puts, True, timeout)
+        return Handle(self, op, f"batch of {n} puts", keep)
 
     def signal(self, dst: RemoteRegion, offset: int = 0, add: int = 1, *, timeout: Optional[float] = None,
                stream: Any = None) -> None:

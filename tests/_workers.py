@@ -337,3 +337,68 @@ def cuda_put(rank, world, store, transport, nbytes):
         ok = bool(torch.equal(target, src))
         ep.barrier("done")
         return ok
+
+
+
+def put_many_batches(rank, world, store, transport, rounds, shared):
+    """Batches of puts (Channel.put_many / iput_many): overlapping writes apply in
+    order, frames and direct writes mixed in one batch, runs longer than one write,
+    the last put's signal covering the batch, and a bad put that sends nothing.
+    Returns the rounds whose target contents matched, byte for byte."""
+    peer = 1 - rank
+    size = 1 << 20
+    with ln.Endpoint(rank, world, store, group="put-many", timeout=30) as ep:
+        if shared:
+            target = ep.alloc(size, np.uint8, ln.Access.REMOTE_WRITE)
+        else:
+            target = ep.register(np.zeros(size, np.uint8), ln.Access.REMOTE_WRITE)
+        sig = ep.alloc(2, np.uint64)
+        ch, (pt, ps) = publish_and_connect(ep, peer, transport, t=target, s=sig)
+        if rank == 1:
+            for r in range(rounds + 1):
+                sig.wait(0, r + 1, timeout=30, channel=ch)
+                ch.send(np.frombuffer(hashlib.sha256(target.array.tobytes()).digest(), np.uint8).copy())
+            return rounds
+        rng = np.random.default_rng(7)
+        src = ep.alloc(size)  # sources in a registered region, as the zero-copy paths want
+        expect = np.zeros(size, np.uint8)
+        digest = np.zeros(32, np.uint8)
+        matched = 0
+        # (src offset, dst offset, bytes): a small put, a large one over it, a
+        # small one inside that, one large enough for shm's direct write, a run
+        # of 40 small ones (longer than one write), and an empty one.
+        plan = [(0, 0, 1000), (1000, 0, 300000), (400000, 500, 10), (500000, 600000, 70000)]
+        plan += [(700000 + 8 * k, 900000 + 8 * k, 8) for k in range(40)] + [(0, 2000, 0)]
+        for r in range(rounds):
+            src.array[:] = rng.integers(0, 256, size, dtype=np.uint8)
+            puts = []
+            for src_off, dst_off, n in plan:
+                puts.append(ln.Put(src, pt, dst_off, src_offset=src_off, nbytes=n))
+                expect[dst_off:dst_off + n] = src.array[src_off:src_off + n]
+            puts[-1] = puts[-1]._replace(signal=ps)
+            if r % 2:
+                ch.iput_many(puts).wait(30)
+            else:
+                ch.put_many(puts)
+            ch.recv(digest, timeout=30)
+            matched += digest.tobytes() == hashlib.sha256(expect.tobytes()).digest()
+        # A bad put in the middle: nothing of the batch is posted.
+        marker = np.full(16, 0xAB, np.uint8)
+        try:
+            ch.put_many([ln.Put(marker, pt, 950000), ln.Put(marker, pt, size - 8), ln.Put(marker, pt, 0, signal=ps)])
+            raise AssertionError("a put outside the target region was not refused")
+        except ln.UsageError as e:
+            assert "put 1 of the batch" in str(e), str(e)
+        for wrong in (ln.Put(marker, pt, 0), [object()]):
+            try:
+                ch.put_many(wrong)
+                raise AssertionError(f"put_many({wrong!r}) did not raise")
+            except ln.UsageError:
+                pass
+        ch.put_many([])
+        ch.iput_many([]).wait(5)
+        ch.put_many([(marker, pt, 960000, 0, 8, ps)])  # a plain tuple of Put's fields
+        expect[960000:960008] = 0xAB
+        ch.recv(digest, timeout=30)
+        matched += digest.tobytes() == hashlib.sha256(expect.tobytes()).digest()
+        return matched

@@ -17,6 +17,7 @@ def test_api_overheads_suite_runs_in_short_mode():
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     passed = re.search(r"(\d+) passed", proc.stdout)
-    # register, put x2, put+signal+wait x2, iput+wait, send/recv x2 over shm and tcp; nothing skipped.
-    assert passed and int(passed.group(1)) == 16, proc.stdout[-2000:]
+    # register, put x2, put+signal+wait x2, put_many+signal+wait, iput+wait, send/recv x2 over shm and tcp;
+    # nothing skipped.
+    assert passed and int(passed.group(1)) == 18, proc.stdout[-2000:]
     assert "skipped" not in proc.stdout and "failed" not in proc.stdout

@@ -116,6 +116,16 @@ def test_signal_never_overtakes_its_data_under_load(transport, lib_path, nbytes,
         assert t["observations"] > threads, t
 
 
+@pytest.mark.parametrize("nbytes", [64, 3000])
+def test_a_source_freed_by_the_proxy_was_already_sent(transport, lib_path, nbytes):
+    """Producers rewrite their source the moment wait_source_free returns; the
+    proxy gathers puts into batches, so it must not free one it has not posted."""
+    threads, per_thread = 4, 400
+    out = ok(run_ranks(dr.source_reuse, args=(lib_path, transport, threads, per_thread, nbytes), timeout=120))
+    assert out[0]["statuses"] == [0] * threads and out[0]["error"] is None, out[0]
+    assert out[1]["first_bad"] == -1, f"record {out[1]['first_bad']} holds another record's bytes"
+
+
 def test_the_checkers_catch_what_they_check(lib):
     """The receiver-side checks can fail: a signal seen before its record, a
     duplicated signal, a record at the wrong slot, a stream that stops."""

@@ -31,6 +31,12 @@ def test_mixed_paths_keep_issue_order(transport):
     assert out == {0: 300, 1: 300}
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["registered", "alloc"])
+def test_put_many_batches_apply_in_order(transport, shared):
+    out = assert_all_ok(run_ranks(_workers.put_many_batches, args=(transport, 6, shared), timeout=120))
+    assert out == {0: 7, 1: 6}
+
+
 def test_many_messages_no_loss_no_reorder(transport):
     out = assert_all_ok(run_ranks(_workers.many_messages, args=(transport, 3000), timeout=180))
     assert out == {0: 3000, 1: 3000}

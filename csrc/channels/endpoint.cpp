@@ -107,9 +107,8 @@ void Channel::check_target(const RegionDescriptor& d, uint64_t offset, uint64_t 
   }
 }
 
-OpRef Channel::put_general(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
-                           const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device) {
-  check_open();
+void Channel::check_put(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
+                        const RemoteWord* signal, bool src_device) const {
   if (len > 0 && src == nullptr) throw_usage("put: null source");
   check_target(dst, dst_offset, len, kAccessRemoteWrite, "put");
   if (signal) {
@@ -118,6 +117,36 @@ OpRef Channel::put_general(const void* src, uint64_t len, const RegionDescriptor
     if (signal->target.kind != MemoryKind::kHost) throw_usage("put signal: signal words must be host memory");
   }
   if (src_device) cuda_check_device_range(src, len);
+}
+
+OpRef Channel::put_many(std::vector<PutOp>& ops, bool want_completion, double timeout_s) {
+  check_open();
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const PutOp& op = ops[i];
+    try {
+      check_put(op.src.ptr, op.src.len, op.dst.target, op.dst.offset, op.has_signal ? &op.signal : nullptr,
+                op.src.device);
+    } catch (const Error& e) {
+      throw Error(e.kind(), "put " + std::to_string(i) + " of the batch: " + e.what());
+    }
+  }
+  // Sources' regions, for transports that need their keys; held until posted.
+  std::vector<std::shared_ptr<Region>> held;
+  for (PutOp& op : ops) {
+    op.src.region = nullptr;
+    if (!connection_->needs_source_region(op.src.len, op.src.device)) continue;
+    held.push_back(endpoint_->regions().find_containing(op.src.ptr, op.src.len));
+    op.src.region = held.back().get();
+  }
+  OpRef done = want_completion ? std::make_shared<OpState>() : nullptr;
+  connection_->post_puts(ops.data(), ops.size(), done, Deadline::after_seconds(resolve(timeout_s)));
+  return done;
+}
+
+OpRef Channel::put_general(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
+                           const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device) {
+  check_open();
+  check_put(src, len, dst, dst_offset, signal, src_device);
   RemoteSlice remote{dst, dst_offset};
   LocalSlice slice;
   slice.ptr = src;

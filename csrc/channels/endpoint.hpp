@@ -93,6 +93,13 @@ class Channel {
     }
     return put_general(src, len, dst, dst_offset, signal, want_completion, timeout_s, src_device);
   }
+  // A batch of puts, in order: every one is checked first as put checks it
+  // (a bad one throws kUsage and none is posted), then all are posted with as
+  // few writes as the transport can (Connection::post_puts). ops[i].src.ptr,
+  // len and device, dst and signal are the caller's; region is filled here.
+  // Returns when the sources may be reused; with want_completion the op
+  // completes when all are applied at the target.
+  OpRef put_many(std::vector<PutOp>& ops, bool want_completion, double timeout_s);
   OpRef atomic_add(const RegionDescriptor& dst, uint64_t offset, uint64_t value, double timeout_s);
   // A signal with no data: add word.add to the peer's word, ordered after
   // every put issued before it; returns once posted (no old value, nothing
@@ -126,6 +133,9 @@ class Channel {
     return w.offset % 8 == 0 && w.target.kind == MemoryKind::kHost &&
            target_usable(w.target, w.offset, 8, kAccessRemoteAtomic);
   }
+  // put's checks, with put's messages (kUsage).
+  void check_put(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
+                 const RemoteWord* signal, bool src_device) const;
   OpRef put_general(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
                     const RemoteWord* signal, bool want_completion, double timeout_s, bool src_device);
   double resolve(double timeout_s) const;

@@ -18,6 +18,8 @@ constexpr size_t kMaxFlushesInFlight = 8;
 // Credits (`consumed`) are returned per this many descriptors within a batch
 // (a power of two), and at the end of every batch.
 constexpr uint64_t kCreditBatch = 64;
+// Most puts posted together: a batch of frames in one write on tcp.
+constexpr size_t kPutBatch = 32;
 
 uint64_t load_acquire(const uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 void store_release(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
@@ -146,6 +148,7 @@ DeviceProxy::DeviceProxy(Endpoint& endpoint, std::shared_ptr<Channel> channel,
   }
   for (size_t i = 0; i < kMaxFlushesInFlight; ++i) free_flush_ops_.push_back(std::make_shared<OpState>());
   flushes_.reserve(kMaxFlushesInFlight);
+  batch_.reserve(kPutBatch);
   thread_ = std::thread([this] { run(); });
 }
 
@@ -244,6 +247,9 @@ bool DeviceProxy::execute(const DeviceDescriptor& d, uint64_t expected_ticket) {
     }
     return remote_[w];
   };
+  const bool is_put = d.opcode == kDeviceOpPut || d.opcode == kDeviceOpPutSignal;
+  // Everything else is ordered after the puts before it: post those first.
+  if (!is_put && !post_batch()) return false;
   try {
     switch (d.opcode) {
       case kDeviceOpNop: break;
@@ -260,15 +266,19 @@ bool DeviceProxy::execute(const DeviceDescriptor& d, uint64_t expected_ticket) {
                       ") is outside local window " + std::to_string(d.src_window) + " of " +
                       std::to_string(src.size) + " bytes");
         }
-        const RegionDescriptor& dst = remote_window(d.dst_window, "destination");
-        const void* ptr = static_cast<const char*>(src.base) + d.src_offset;
-        if (d.opcode == kDeviceOpPut) {
-          channel_->put(ptr, d.bytes, dst, d.dst_offset, nullptr, false, timeout_s_, src.kind == MemoryKind::kCuda);
-        } else {
-          RemoteWord word{remote_window(d.signal_window, "signal"), d.signal_offset, d.signal_add};
-          channel_->put(ptr, d.bytes, dst, d.dst_offset, &word, false, timeout_s_, src.kind == MemoryKind::kCuda);
+        PutOp op;
+        op.dst = RemoteSlice{remote_window(d.dst_window, "destination"), d.dst_offset};
+        if (d.opcode == kDeviceOpPutSignal) {
+          op.signal = RemoteWord{remote_window(d.signal_window, "signal"), d.signal_offset, d.signal_add};
+          op.has_signal = true;
         }
-        break;
+        op.src.ptr = static_cast<const char*>(src.base) + d.src_offset;
+        op.src.len = d.bytes;
+        op.src.device = src.kind == MemoryKind::kCuda;
+        if (batch_.empty()) batch_first_ = expected_ticket;
+        batch_.push_back(op);
+        // Counted once posted (post_batch).
+        return batch_.size() < kPutBatch || post_batch();
       }
       case kDeviceOpSignal: {
         RemoteWord word{remote_window(d.signal_window, "signal"), d.signal_offset, d.signal_add};
@@ -295,12 +305,38 @@ bool DeviceProxy::execute(const DeviceDescriptor& d, uint64_t expected_ticket) {
         throw_usage("unknown opcode " + std::to_string(d.opcode));
     }
   } catch (const Error& e) {
+    // A rejected put: the valid ones before it still go out, in order.
+    if (is_put && !post_batch()) return false;
     fail(e.kind() == ErrorKind::kUsage ? kErrorRejected : kErrorTransfer, expected_ticket,
          ticket_text(expected_ticket) + ": " + e.what());
     return false;
   }
   // Only this thread writes the counter: a plain store, no locked add.
   executed_.store(executed_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  return true;
+}
+
+bool DeviceProxy::post_batch() {
+  if (batch_.empty()) return true;
+  const size_t n = batch_.size();
+  try {
+    if (n == 1) {
+      // One put: Channel::put's inline path (shm writes it with no lock).
+      const PutOp& op = batch_[0];
+      channel_->put(op.src.ptr, op.src.len, op.dst.target, op.dst.offset, op.has_signal ? &op.signal : nullptr,
+                    false, timeout_s_, op.src.device);
+    } else {
+      channel_->put_many(batch_, false, timeout_s_);
+    }
+  } catch (const Error& e) {
+    batch_.clear();
+    fail(e.kind() == ErrorKind::kUsage ? kErrorRejected : kErrorTransfer, batch_first_,
+         ticket_text(batch_first_) + (n > 1 ? " (first of " + std::to_string(n) + " puts posted together)" : "") +
+             ": " + e.what());
+    return false;
+  }
+  batch_.clear();
+  executed_.store(executed_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
   return true;
 }
 
@@ -393,7 +429,15 @@ void DeviceProxy::run() {
       // Credits flow even after an error, so no producer waits on a full ring:
       // per kCreditBatch descriptors and at the end of the batch, not per
       // descriptor (each store takes the line from the producers polling it).
-      if (((next + 1) & (kCreditBatch - 1)) == 0) store_release(&control_->consumed, next + 1);
+      if (((next + 1) & (kCreditBatch - 1)) == 0) {
+        // Not past a gathered put: `consumed` says its source may be reused.
+        store_release(&control_->consumed, batch_.empty() ? next + 1 : batch_first_);
+      }
+    }
+    if (healthy) {
+      healthy = post_batch();
+    } else {
+      batch_.clear();  // the error word already stops the kernels waiting on these
     }
     store_release(&control_->consumed, next);
     if (!flushes_.empty()) retire_flushes(false);

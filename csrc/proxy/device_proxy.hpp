@@ -13,6 +13,9 @@
 // Contracts:
 // - Ordering: descriptors are executed in ticket order on one channel, so
 //   the channel's ordering (transport.hpp) carries over to the device side.
+//   Consecutive puts are posted together (Channel::put_many, up to 32): in
+//   the same order, before any later descriptor, and `consumed` passes a put
+//   only once it is posted (its source is then free).
 // - Errors: the first failure (an operation the channel refuses or fails, a
 //   malformed descriptor, the channel failing while idle) sets the ring's
 //   error word and its reason (error()); the proxy then executes nothing
@@ -91,7 +94,12 @@ class DeviceProxy : public EndpointAttachment {
 
   void run();
   // Returns false once the ring has an error (nothing more is executed).
+  // Puts are gathered into batch_ (up to kPutBatch, one write on tcp) and
+  // posted when another kind of descriptor comes, the batch is full, or the
+  // published descriptors run out.
   bool execute(const DeviceDescriptor& d, uint64_t expected_ticket);
+  // Posts batch_; false (the ring failed, naming its first ticket) on error.
+  bool post_batch();
   void retire_flushes(bool wait_all);
   void fail(uint64_t code, uint64_t ticket, const std::string& why);
   void park(uint64_t published);
@@ -120,6 +128,10 @@ class DeviceProxy : public EndpointAttachment {
   };
   std::vector<PendingFlush> flushes_;
   std::vector<OpRef> free_flush_ops_;
+  // Puts executed but not yet posted, from ticket batch_first_ on; capacity
+  // reserved up front (no allocation per descriptor).
+  std::vector<PutOp> batch_;
+  uint64_t batch_first_ = 0;
 
   mutable std::mutex error_mutex_;
   std::string error_;

@@ -265,6 +265,27 @@ PYBIND11_MODULE(_core, m) {
           py::arg("src"), py::arg("nbytes"), py::arg("dst"), py::arg("dst_offset"), py::arg("signal").none(true),
           py::arg("signal_offset"), py::arg("signal_add"), py::arg("want_completion"), py::arg("timeout"),
           py::arg("src_device") = false)
+      .def(
+          "put_many",
+          // puts: (src, nbytes, dst, dst_offset, signal or None, signal_offset, signal_add, src_device) each.
+          [](Channel& ch, const py::list& puts, bool want_completion, double timeout) {
+            std::vector<PutOp> ops(puts.size());
+            for (size_t i = 0; i < ops.size(); ++i) {
+              auto t = puts[i].cast<py::tuple>();
+              if (t.size() != 8) throw_usage("put_many: each put is an 8-tuple");
+              PutOp& op = ops[i];
+              op.src.ptr = reinterpret_cast<const void*>(t[0].cast<uintptr_t>());
+              op.src.len = t[1].cast<uint64_t>();
+              op.dst = RemoteSlice{t[2].cast<RegionDescriptor>(), t[3].cast<uint64_t>()};
+              op.has_signal = !t[4].is_none();
+              if (op.has_signal) op.signal = RemoteWord{t[4].cast<RegionDescriptor>(), t[5].cast<uint64_t>(),
+                                                        t[6].cast<uint64_t>()};
+              op.src.device = t[7].cast<bool>();
+            }
+            py::gil_scoped_release release;
+            return ch.put_many(ops, want_completion, timeout);
+          },
+          py::arg("puts"), py::arg("want_completion"), py::arg("timeout"))
       .def("atomic_add",
            [](Channel& ch, const RegionDescriptor& dst, uint64_t offset, uint64_t value, double timeout) {
              py::gil_scoped_release release;

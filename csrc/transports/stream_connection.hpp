@@ -95,6 +95,9 @@ class StreamConnection : public Connection {
   const char* transport_name() const override { return transport_name_; }
   void post_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal, const OpRef& done,
                 Deadline deadline) override;
+  // One write (one sendmsg on tcp) for each run of up to 32 puts that would
+  // each be one frame; the others as post_put.
+  void post_puts(const PutOp* ops, size_t n, const OpRef& done, Deadline deadline) override;
   bool try_post_small_put(const void* src, uint64_t len, const RemoteSlice& dst) override;
   bool try_post_small_put_signal(const void* src, uint64_t len, const RegionDescriptor& dst, uint64_t dst_offset,
                                  const RemoteWord& signal) override;
@@ -129,6 +132,12 @@ class StreamConnection : public Connection {
   };
 
   // tx
+  // A put that post_put writes straight into the peer's memory (shm).
+  bool goes_direct(const LocalSlice& src, const RemoteSlice& dst) const;
+  // A put that post_put sends as one frame carrying its payload.
+  bool framed_inline(const LocalSlice& src, const RemoteSlice& dst) const;
+  // Frames for n <= kBatchFrames such puts, written with one writev.
+  void write_put_frames(const PutOp* ops, size_t n, const OpRef& done, Deadline deadline);
   bool try_direct_put(const LocalSlice& src, const RemoteSlice& dst, const RemoteWord* signal, const OpRef& done,
                       Deadline deadline);
   // The inline direct put (no lock, no waiting, no frame): true when written
@@ -142,6 +151,7 @@ class StreamConnection : public Connection {
   // Waits (briefly) until the peer applied every frame sent so far; false if
   // it lags, then the caller uses frames (which keep issue order by themselves).
   bool peer_caught_up_locked(Deadline deadline);
+  std::string peer_label() const { return "rank " + std::to_string(peer_rank_); }
   uint64_t next_seq_locked() {
     const uint64_t seq = last_seq_.load(std::memory_order_relaxed) + 1;
     last_seq_.store(seq, std::memory_order_release);

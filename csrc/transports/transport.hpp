@@ -117,6 +117,14 @@ struct RemoteWord {
   uint64_t add = 1;
 };
 
+// One put of a batch (Connection::post_puts); `signal` is used when has_signal.
+struct PutOp {
+  LocalSlice src;
+  RemoteSlice dst;
+  RemoteWord signal;
+  bool has_signal = false;
+};
+
 // Everything a transport needs to connect one pair of ranks.
 struct ConnectParams {
   int self_rank = 0;
@@ -163,6 +171,24 @@ class Connection {
                                          uint64_t dst_offset, const RemoteWord& signal) {
     (void)src, (void)len, (void)dst, (void)dst_offset, (void)signal;
     return false;
+  }
+  // Batched puts: ops[0..n) in order, each as post_put would (the same
+  // checks done beforehand, the same ordering, each signal after its own
+  // data), with as few writes as the transport can (tcp: one sendmsg for a
+  // run of framed puts). `done` (nullable) completes once all are applied at
+  // the target; with it every source stays unchanged until then. Returns when
+  // the sources may be reused. A failure part way fails the connection, as
+  // post_put's does. The default posts them one by one; ordering makes the
+  // last one's completion cover the others.
+  virtual void post_puts(const PutOp* ops, size_t n, const OpRef& done, Deadline deadline) {
+    if (n == 0) {
+      if (done) done->complete();
+      return;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const PutOp& op = ops[i];
+      post_put(op.src, op.dst, op.has_signal ? &op.signal : nullptr, i + 1 == n ? done : OpRef(), deadline);
+    }
   }
   // Remote 64-bit fetch-and-add; done->value() is the previous value.
   virtual void post_atomic_add(const RemoteWord& word, const OpRef& done, Deadline deadline) = 0;

@@ -33,6 +33,16 @@ unsigned char pattern_byte(uint64_t seed, uint64_t slot, uint64_t j) {
 }
 
 uint64_t now_ns() { return lamina::device_detail::now_ns(); }
+
+// Copies each thread's status to statuses[t] (when given); returns the first non-zero one.
+int first_status(const std::vector<int>& result, int* statuses) {
+  int first = 0;
+  for (size_t t = 0; t < result.size(); ++t) {
+    if (statuses) statuses[t] = result[t];
+    if (first == 0) first = result[t];
+  }
+  return first;
+}
 }  // namespace
 
 extern "C" {
@@ -179,6 +189,36 @@ int ln_produce(const void* h, int threads, long long per_thread, int op, unsigne
   return first;
 }
 
+// Source reuse: thread t owns source record t of local window src_w. For
+// i in [0, per_thread) it writes record k = t * per_thread + i's pattern
+// there, puts it to remote record k of dst_w, waits until that source is
+// free (wait_source_free) and writes the next one over it. A back end that
+// frees a source before it sent it leaves the target a later record's bytes.
+// Thread t's first non-ok status goes to statuses[t]; returns the first.
+int ln_reuse_source(const void* h, int threads, long long per_thread, unsigned dst_w, unsigned src_w,
+                    unsigned long long bytes, unsigned long long seed, int* statuses) {
+  const lamina::DeviceChannel ch = from_bytes(h);
+  std::vector<int> result(static_cast<size_t>(threads), 0);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      unsigned char* record = reinterpret_cast<unsigned char*>(ch.local[src_w].base) + t * bytes;
+      int s = 0;
+      for (long long i = 0; i < per_thread && s == 0; ++i) {
+        const uint64_t k = static_cast<uint64_t>(t) * static_cast<uint64_t>(per_thread) + static_cast<uint64_t>(i);
+        for (uint64_t j = 0; j < bytes; ++j) record[j] = pattern_byte(seed, k, j);
+        lamina_u64 ticket = 0;
+        s = ch.put(dst_w, k * bytes, src_w, static_cast<uint64_t>(t) * bytes, bytes, &ticket);
+        if (s == 0) s = ch.wait_source_free(ticket);
+      }
+      if (s == 0) s = ch.flush();
+      result[t] = s;
+    });
+  }
+  for (auto& th : pool) th.join();
+  return first_status(result, statuses);
+}
+
 // A wait on local window w's word at `off`, timed.
 int ln_wait_timed(const void* h, unsigned w, unsigned long long off, unsigned long long value,
                   long long* elapsed_ns) {
@@ -290,12 +330,7 @@ int ln_put_signal_many(const void* h, int threads, int per_thread, unsigned dst_
     });
   }
   for (auto& th : pool) th.join();
-  int first = 0;
-  for (int t = 0; t < threads; ++t) {
-    if (statuses) statuses[t] = result[t];
-    if (first == 0) first = result[t];
-  }
-  return first;
+  return first_status(result, statuses);
 }
 
 }  // extern "C"

@@ -147,6 +147,27 @@ def signal_order(rank, world, store, lib_path, transport, threads, per_thread, n
         return {"rc": rc, "observations": observations, "signals": [s.sig.read_u64(8 * t) for t in range(threads)]}
 
 
+def source_reuse(rank, world, store, lib_path, transport, threads, per_thread, nbytes, seed=23):
+    """Each producer thread rewrites one source record as soon as the device
+    API says it is free; rank 1 then finds every record's own bytes."""
+    lib = producers.load(lib_path)
+    n = threads * per_thread
+    with _endpoint(rank, world, store, "dev-reuse", transport, timeout=40) as ep:
+        s = _setup(ep, transport, n, nbytes)
+        if rank == 0:
+            with _device(s, ring_slots=64, timeout=20) as dev:
+                statuses = lib.reuse_source(dev.handle(), threads, per_thread, dst_w=INBOX_W, src_w=SRC_W,
+                                            nbytes=nbytes, seed=seed)
+                out = {"statuses": statuses, "error": dev.error}
+            ep.barrier("produced")
+            _finish(ep, s.word)
+            return out
+        ep.barrier("produced")  # every thread's flush returned: the records are in place
+        bad = lib.first_bad(s.inbox, n, nbytes, seed)
+        _finish(ep, s.word)
+        return {"first_bad": bad}
+
+
 # --------------------------------------------------------------------------- 4: flush
 
 

@@ -111,6 +111,7 @@ class Lib:
             "ln_check_signal_order": ([c_void_p, c_void_p, c_int, u64, u64, u64, c_double, POINTER(u64)], i64),
             "ln_produce": ([c_char_p, c_int, i64, c_int, u32, u32, u64, u32, u64, u64, u64, c_int,
                             POINTER(c_int), POINTER(i64), POINTER(i64)], c_int),
+            "ln_reuse_source": ([c_char_p, c_int, i64, u32, u32, u64, u64, POINTER(c_int)], c_int),
             "ln_post_raw": ([c_char_p, u32, u32, u64, u32, u64, u64, u32, u64, u64], c_int),
             "ln_post_wrong_ticket": ([c_char_p, u64], c_int),
         }
@@ -131,6 +132,13 @@ class Lib:
                              int(flush), statuses, posted, elapsed)
         return {"rc": rc, "statuses": list(statuses), "posted": list(posted),
                 "elapsed_s": [e / 1e9 for e in elapsed]}
+
+    def reuse_source(self, handle: bytes, threads: int, per_thread: int, *, dst_w: int, src_w: int, nbytes: int,
+                     seed: int) -> list:
+        """Runs ln_reuse_source; thread statuses."""
+        statuses = (c_int * threads)()
+        self.ln_reuse_source(handle, threads, per_thread, dst_w, src_w, nbytes, seed, statuses)
+        return list(statuses)
 
     def wait_timed(self, handle: bytes, window: int, offset: int, value: int) -> tuple:
         """(status, seconds) of a device wait on a local word."""
