@@ -1,8 +1,6 @@
-"""Endpoints: a rank's place in a group, its regions and its channels.
+"""Endpoints, registered regions, channels and handles.
 
-Regions are in :mod:`lamina_net.region`, channels and handles in
-:mod:`lamina_net.channel`; all are importable from here too. See
-``docs/python-api.md`` for a tour. Contracts (from the C++ headers):
+See ``docs/python-api.md`` for a tour. Contracts (from the C++ headers):
 
 * Operations on one channel are applied at the target in issue order; a put's
   signal is applied only after its data is visible.
@@ -16,21 +14,68 @@ Regions are in :mod:`lamina_net.region`, channels and handles in
 from __future__ import annotations
 
 import builtins
+import enum
 import errno
 import operator
 import os
 import threading
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 from . import _core
 from . import _stream
-from ._arrays import as_buffer
+from ._arrays import Buffer, as_buffer, wait_for_producer
 from ._membership import claim_rank, release_rank
 from .errors import TimeoutError, TransportError, UsageError
 from .store import StoreClient, StoreNotAnswering, StoreServer, TorchStoreAdapter, parse_address
-# Re-exported: lamina_net.core is where the public classes have always been importable from.
-from .channel import Channel, Handle, Put  # noqa: F401
-from .region import TRANSPORTS, Access, Region, RemoteRegion, _check_timeout, _check_uint  # noqa: F401
+
+
+class Access(enum.IntFlag):
+    """Access rights of a registered region."""
+
+    LOCAL = _core.ACCESS_LOCAL
+    REMOTE_WRITE = _core.ACCESS_REMOTE_WRITE
+    REMOTE_READ = _core.ACCESS_REMOTE_READ
+    REMOTE_ATOMIC = _core.ACCESS_REMOTE_ATOMIC
+    ALL = _core.ACCESS_ALL
+
+
+TRANSPORTS = ("tcp", "shm", "verbs")
+
+
+#: The largest bound a wait accepts (about 31 years). Every wait in lamina-net
+#: is bounded: ``inf`` and larger values are refused, not silently shortened.
+MAX_TIMEOUT_S = 1e9
+
+
+def _check_timeout(timeout: Optional[float], what: str = "timeout") -> float:
+    if timeout is None:
+        return -1.0
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a number of seconds, got {timeout!r}") from None
+    if not t >= 0:
+        raise UsageError(f"{what} must be >= 0 seconds, got {timeout!r}")
+    if t > MAX_TIMEOUT_S:
+        raise UsageError(f"{what}={timeout!r} is above the largest bound, {MAX_TIMEOUT_S:g} s: every wait is "
+                         "bounded (pass a finite number of seconds)")
+    return t
+
+
+def _check_uint(name: str, value: Any, limit: int = 1 << 64) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise UsageError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < 0 or value >= limit:
+        raise UsageError(f"{name}={value} is out of range")
+    return value
 
 
 def _store_for(store: Any, rank: int, world_size: int, timeout: float):
@@ -104,6 +149,505 @@ def _default_tcp_host(store_address: Optional[str]) -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+class RemoteRegion:
+    """A peer's region, as described by its owner (a capability).
+
+    Serialize with :meth:`to_bytes`, rebuild with :meth:`from_bytes`.
+    """
+
+    __slots__ = ("_desc",)
+
+    def __init__(self, desc: "_core.Descriptor"):
+        self._desc = desc
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "RemoteRegion":
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise UsageError("descriptor must be bytes")
+        return cls(_core.Descriptor.from_bytes(bytes(blob)))
+
+    def to_bytes(self) -> bytes:
+        return self._desc.to_bytes()
+
+    @property
+    def rank(self) -> int:
+        return self._desc.owner_rank
+
+    @property
+    def nbytes(self) -> int:
+        return self._desc.size
+
+    @property
+    def access(self) -> Access:
+        return Access(self._desc.access)
+
+    def __repr__(self) -> str:
+        return f"RemoteRegion(rank={self.rank}, nbytes={self.nbytes}, access={self.access!r})"
+
+
+class Region:
+    """Local memory registered with an endpoint (zero-copy; the array is kept alive).
+
+    Peers reach it only through its :meth:`descriptor`, within its bounds and
+    access rights. Offsets are in bytes.
+    """
+
+    def __init__(self, endpoint: "Endpoint", handle: "_core.Region", buffer: Buffer):
+        self._endpoint = endpoint
+        self._handle = handle
+        self._buffer = buffer
+        self.array = buffer.owner if not isinstance(buffer.owner, tuple) else buffer.owner[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self._buffer.nbytes
+
+    @property
+    def ptr(self) -> int:
+        return self._buffer.ptr
+
+    @property
+    def access(self) -> Access:
+        return Access(self._handle.access)
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def _live(self) -> "_core.Region":
+        if self._handle is None:
+            raise UsageError("region is closed")
+        return self._handle
+
+    def descriptor(self) -> RemoteRegion:
+        """What a peer needs to target this region."""
+        return RemoteRegion(self._endpoint._live().describe(self._live()))
+
+    def read_u64(self, offset: int = 0) -> int:
+        """Atomically reads the u64 at byte ``offset`` (acquire). GPU memory: copied out (not atomic)."""
+        return self._live().load_u64(_check_uint("offset", offset))
+
+    def wait(self, offset: int = 0, value: int = 1, timeout: Optional[float] = None,
+             channel: Optional["Channel"] = None, *, stream: Any = None, method: str = "kernel") -> Optional[int]:
+        """Waits until the u64 signal word at ``offset`` is >= ``value``; returns it.
+
+        With ``channel``, fails fast (TransportError) if that channel fails. With ``stream``, the
+        stream waits instead of the host (returns None at once; the word must be pinned host or
+        GPU memory; see :func:`lamina_net._stream.region_wait`).
+        """
+        if stream is not None:
+            return _stream.region_wait(self, offset, value, timeout, channel, stream, method)
+        handle = self._live()
+        ep = self._endpoint._live()
+        ep.wait_signal(handle, _check_uint("offset", offset), _check_uint("value", value), _check_timeout(timeout),
+                       channel._live() if channel is not None else None)
+        return handle.load_u64(offset)
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Deregisters the region (waits for inbound writers). Idempotent."""
+        if self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        if not self._endpoint.closed:
+            self._endpoint._core.deregister(handle.id, _check_timeout(timeout))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"nbytes={self.nbytes}, access={self.access!r}"
+        return f"Region({state})"
+
+
+class Put(NamedTuple):
+    """One put of a batch for :meth:`Channel.put_many`: the arguments of :meth:`Channel.put`."""
+
+    src: Any
+    dst: "RemoteRegion"
+    dst_offset: int = 0
+    src_offset: int = 0
+    nbytes: Optional[int] = None
+    signal: Optional["RemoteRegion"] = None
+    signal_offset: int = 0
+    signal_add: int = 1
+
+
+class Handle:
+    """A non-blocking operation. ``wait()`` blocks (bounded); ``test()`` polls.
+
+    ``result``: bytes received (recv), previous value (atomic_add), else None.
+    """
+
+    __slots__ = ("_channel", "_op", "_what", "_keepalive", "_result_kind")
+
+    def __init__(self, channel: "Channel", op, what: str, keepalive: Any = None, result_kind: str = "none"):
+        self._channel = channel
+        self._op = op
+        self._what = what
+        self._keepalive = keepalive
+        self._result_kind = result_kind
+
+    def test(self) -> bool:
+        """True once complete; raises the operation's error if it failed."""
+        if self._op is None:
+            return True
+        return self._channel._live().test(self._op)
+
+    def wait(self, timeout: Optional[float] = None):
+        """Blocks until complete (at most ``timeout`` s); returns :attr:`result`."""
+        if self._op is not None:
+            self._channel._live().wait(self._op, _check_timeout(timeout), self._what)
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        return self._op is None or self._op.done
+
+    @property
+    def result(self) -> Optional[int]:
+        if self._op is None or not self._op.done or self._op.failed or self._result_kind == "none":
+            return None
+        return self._op.value
+
+
+def _require_cuda_build() -> None:
+    if not _core.HAVE_CUDA:
+        raise UsageError("CUDA memory needs lamina-net built with CUDA")
+
+
+def _address_of(staging: bytearray) -> int:
+    import ctypes
+
+    return ctypes.addressof((ctypes.c_char * len(staging)).from_buffer(staging)) if staging else 0
+
+
+def _cuda_copy(dst: int, src: int, nbytes: int) -> None:
+    """The host/GPU copy of staged send/recv (a module attribute, so tests on machines without a GPU can
+    stand a host copy in for it and check the staging itself)."""
+    _core.cuda_copy(dst, src, nbytes)
+
+
+class _StagedReceive(Handle):
+    """A receive of GPU memory: lands in host ``staging``, copied up to the GPU buffer once, on completion."""
+
+    __slots__ = ("_target", "_staging", "_copied", "_copy_error")
+
+    def __init__(self, channel: "Channel", op, what: str, target: Buffer, staging: bytearray):
+        super().__init__(channel, op, what, target.owner, "value")
+        self._target, self._staging = target, staging
+        self._copied, self._copy_error = False, None
+
+    def _copy_up(self) -> None:
+        if self._copied or not self._op.done or self._op.failed:
+            return
+        if self._copy_error is not None:
+            raise self._copy_error
+        try:
+            _cuda_copy(self._target.ptr, _address_of(self._staging), self._op.value)
+        except BaseException as failure:  # every later look at the handle reports it, not a stale success
+            self._copy_error = failure
+            raise
+        self._copied, self._staging = True, bytearray()
+
+    def test(self) -> bool:
+        complete = super().test()
+        if complete:
+            self._copy_up()
+        return complete
+
+    def wait(self, timeout: Optional[float] = None):
+        super().wait(timeout)
+        self._copy_up()
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        if not self._op.done:
+            return False
+        try:
+            self._copy_up()
+        except BaseException:  # kept: wait() and test() raise it
+            pass
+        return True
+
+
+class Channel:
+    """An ordered connection between this rank and one peer over one transport."""
+
+    def __init__(self, endpoint: "Endpoint", handle: "_core.Channel"):
+        self._endpoint = endpoint
+        self._handle = handle
+        # Posted receives keep their buffers alive here until they complete,
+        # even if the caller drops the Handle.
+        self._pending_recvs: list = []
+        self._final_failure: Optional[str] = None  # failed() once the handle is released
+
+    @property
+    def peer(self) -> int:
+        return self._live().peer
+
+    @property
+    def transport(self) -> str:
+        return self._live().transport
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None or self._handle.closed
+
+    def _live(self) -> "_core.Channel":
+        if self._handle is None or self._handle.closed:
+            raise UsageError("channel is closed")
+        return self._handle
+
+    def _source(self, src, src_offset: int, nbytes: Optional[int]) -> tuple[int, int, Any]:
+        if isinstance(src, Region):
+            src._live()
+            base, total, keep, cuda = src.ptr, src.nbytes, src, src._buffer.cuda
+        else:
+            buf = as_buffer(src)
+            base, total, keep, cuda = buf.ptr, buf.nbytes, buf.owner, buf.cuda
+        if cuda:
+            _require_cuda_build()
+        src_offset = _check_uint("src_offset", src_offset)
+        n = total - src_offset if nbytes is None else _check_uint("nbytes", nbytes)
+        if src_offset > total or n > total - src_offset:
+            raise UsageError(f"source slice [{src_offset}, {src_offset}+{n}) is outside the {total}-byte source")
+        if cuda:
+            # Read only after the stream work that produced it (torch's current stream, or the
+            # __cuda_array_interface__ 'stream'): tcp/shm copy it on a stream of their own, verbs in place.
+            wait_for_producer(src._buffer.owner if isinstance(src, Region) else keep)
+        return base + src_offset, n, keep, cuda
+
+    @staticmethod
+    def _remote(dst) -> "_core.Descriptor":
+        if isinstance(dst, RemoteRegion):
+            return dst._desc
+        if isinstance(dst, Region):
+            raise UsageError("pass the peer's RemoteRegion (region.descriptor() on the peer), not a local Region")
+        raise UsageError(f"expected a RemoteRegion, got {type(dst).__name__}")
+
+    def _put(self, src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, want, timeout):
+        ptr, n, keep, cuda = self._source(src, src_offset, nbytes)
+        sig = self._remote(signal) if signal is not None else None
+        op = self._live().put(ptr, n, self._remote(dst), _check_uint("dst_offset", dst_offset), sig,
+                              _check_uint("signal_offset", signal_offset), _check_uint("signal_add", signal_add),
+                              want, _check_timeout(timeout), cuda)
+        return op, keep, n
+
+    def put(self, src, dst: RemoteRegion, dst_offset: int = 0, *, src_offset: int = 0, nbytes: Optional[int] = None,
+            signal: Optional[RemoteRegion] = None, signal_offset: int = 0, signal_add: int = 1,
+            timeout: Optional[float] = None, stream: Any = None) -> None:
+        """One-sided write of ``src`` (array or Region slice) into ``dst`` at ``dst_offset``.
+
+        With ``signal``, then adds ``signal_add`` to the u64 at ``signal_offset`` of
+        that remote region, after the data is visible. Returns when ``src`` may be reused:
+        over verbs, sources up to ``LAMINA_NET_IB_STAGE_MAX`` (4 KiB) are copied out and it
+        returns at once; a larger source inside a registered region is read by the NIC in
+        place (zero-copy) and it returns once that write completed (use :meth:`iput` to
+        overlap several).
+
+        With ``stream`` (a torch/cupy CUDA stream or a raw handle), the put is enqueued on that
+        stream instead and this returns at once (graph-capturable; see :func:`lamina_net._stream.channel_put`):
+        ``src`` must lie in a Region of this endpoint; later work in the stream may overwrite it.
+        """
+        if stream is not None:
+            return _stream.channel_put(self, src, dst, dst_offset, src_offset, nbytes, signal, signal_offset,
+                                       signal_add, timeout, stream)
+        self._put(src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, False, timeout)
+
+    def iput(self, src, dst: RemoteRegion, dst_offset: int = 0, *, src_offset: int = 0,
+             nbytes: Optional[int] = None, signal: Optional[RemoteRegion] = None, signal_offset: int = 0,
+             signal_add: int = 1, timeout: Optional[float] = None) -> Handle:
+        """Like :meth:`put`, but returns at once; the handle completes when the data is applied at the target.
+
+        Do not change ``src`` until the handle completes (as with MPI_Isend or
+        NVSHMEM's ``put_nbi``): over verbs a source inside a registered region
+        is read by the NIC in place, zero-copy, until then. The handle keeps
+        ``src`` alive.
+        """
+        op, keep, n = self._put(src, dst, dst_offset, src_offset, nbytes, signal, signal_offset, signal_add, True,
+                                timeout)
+        return Handle(self, op, f"put of {n} bytes", keep)
+
+    def _put_many(self, puts, want, timeout):
+        if isinstance(puts, Put):
+            raise UsageError("put_many takes a sequence of Put, not a single Put")
+        items, keep = [], []
+        for i, p in enumerate(puts):
+            if not isinstance(p, Put):
+                if not isinstance(p, tuple):
+                    raise UsageError(f"put_many: item {i} is a {type(p).__name__}, expected a lamina_net.Put")
+                p = Put(*p)
+            ptr, n, owner, cuda = self._source(p.src, p.src_offset, p.nbytes)
+            items.append((ptr, n, self._remote(p.dst), _check_uint("dst_offset", p.dst_offset),
+                          self._remote(p.signal) if p.signal is not None else None,
+                          _check_uint("signal_offset", p.signal_offset), _check_uint("signal_add", p.signal_add),
+                          cuda))
+            keep.append(owner)
+        op = self._live().put_many(items, want, _check_timeout(timeout))
+        return op, keep, len(items)
+
+    def put_many(self, puts: Sequence[Put], *, timeout: Optional[float] = None) -> None:
+        """Posts a batch of puts in order, as consecutive :meth:`put` calls would, in as few writes as can be.
+
+        Each item is a :class:`Put` (or a tuple of its fields). Every put is checked before any is
+        posted, so a bad one raises :class:`UsageError` naming its index and nothing is sent. Each
+        signal is applied after its own put's data, and puts apply in order, so a signal on the
+        last put covers the whole batch. Over tcp a run of up to 32 puts goes out in one
+        ``sendmsg``; shm writes each straight into the peer's memory; verbs posts them one by one.
+        Returns when the sources may be reused.
+        """
+        self._put_many(puts, False, timeout)
+
+    def iput_many(self, puts: Sequence[Put], *, timeout: Optional[float] = None) -> Handle:
+        """Like :meth:`put_many`, but the handle completes when every put is applied at the target.
+
+        Do not change the sources until then (see :meth:`iput`); the handle keeps them alive.
+        """
+        op, keep, n = self._put_many(puts, True, timeout)
+        return Handle(self, op, f"batch of {n} puts", keep)
+
+    def signal(self, dst: RemoteRegion, offset: int = 0, add: int = 1, *, timeout: Optional[float] = None,
+               stream: Any = None) -> None:
+        """Adds ``add`` to the peer's u64 at ``offset`` of ``dst`` (no old value), after every put before it.
+
+        Returns once posted. With ``stream``, enqueued on that CUDA stream instead (see :meth:`put`).
+        """
+        if stream is not None:
+            return _stream.channel_signal(self, dst, offset, add, timeout, stream)
+        self._live().signal(self._remote(dst), _check_uint("offset", offset), _check_uint("add", add),
+                            _check_timeout(timeout))
+
+    @property
+    def stream_error(self) -> Optional[str]:
+        """What the first failed ``stream=`` operation of this channel was (recorded on the GPU), or None."""
+        return _stream.channel_stream_error(self)
+
+    def iatomic_add(self, dst: RemoteRegion, offset: int = 0, value: int = 1,
+                    timeout: Optional[float] = None) -> Handle:
+        """Remote 64-bit fetch-and-add; the handle's result is the previous value."""
+        op = self._live().atomic_add(self._remote(dst), _check_uint("offset", offset), _check_uint("value", value),
+                                     _check_timeout(timeout))
+        return Handle(self, op, "atomic_add", None, "value")
+
+    def atomic_add(self, dst: RemoteRegion, offset: int = 0, value: int = 1, timeout: Optional[float] = None) -> int:
+        """Blocking remote fetch-and-add; returns the previous value."""
+        return self.iatomic_add(dst, offset, value, timeout).wait(timeout)
+
+    def isend(self, data, timeout: Optional[float] = None) -> Handle:
+        """Sends one message (ordered). The source may be reused once this returns.
+
+        GPU memory is staged through host memory (copied down after the stream
+        work that produced it) on every transport.
+        """
+        buf = as_buffer(data)
+        ptr, keep = buf.ptr, None
+        if buf.cuda:
+            ptr, keep = self._stage_down(buf)
+        op = self._live().send(ptr, buf.nbytes, _check_timeout(timeout))
+        return Handle(self, op, f"send of {buf.nbytes} bytes", keep, "value")
+
+    def send(self, data, timeout: Optional[float] = None) -> None:
+        self.isend(data, timeout).wait(timeout)
+
+    @staticmethod
+    def _stage_down(buf: Buffer) -> tuple[int, Any]:
+        _require_cuda_build()
+        wait_for_producer(buf.owner)
+        staging = bytearray(buf.nbytes)
+        address = _address_of(staging)
+        _cuda_copy(address, buf.ptr, buf.nbytes)
+        return address, staging
+
+    def irecv(self, out) -> Handle:
+        """Posts a receive into ``out``; the handle's result is the message size in bytes.
+
+        Receives complete in posting order. A message larger than ``out`` fails
+        that receive with UsageError (the message is dropped). A wait that times
+        out withdraws the receive, so the next message goes to the next one.
+        GPU memory receives into host memory first; the copy up is made when
+        the handle is first seen complete (``wait``, ``test`` or ``done``).
+        """
+        buf = as_buffer(out, writable=True)
+        if buf.cuda:
+            _require_cuda_build()
+            staging = bytearray(buf.nbytes)
+            op = self._live().recv(_address_of(staging), buf.nbytes)
+            handle: Handle = _StagedReceive(self, op, f"recv into {buf.nbytes} bytes", buf, staging)
+        else:
+            op = self._live().recv(buf.ptr, buf.nbytes)
+            handle = Handle(self, op, f"recv into {buf.nbytes} bytes", buf.owner, "value")
+        self._pending_recvs = [h for h in self._pending_recvs if not h._op.done] + [handle]
+        return handle
+
+    def recv(self, out, timeout: Optional[float] = None) -> int:
+        """Blocks until the next message arrives in ``out``; returns its size in bytes."""
+        _check_timeout(timeout)  # before posting: a bad argument must not leave a receive behind
+        return self.irecv(out).wait(timeout)
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Blocks until every operation issued before it is applied at the target."""
+        handle = self._live()
+        op = handle.flush(_check_timeout(timeout))
+        handle.wait(op, _check_timeout(timeout), "flush")
+
+    def device(self, local=(), remote=(), *, ring_slots: Optional[int] = None, timeout: Optional[float] = None,
+               gpu: Optional[bool] = None, spin_us: Optional[int] = None) -> "DeviceChannel":
+        """A :class:`~lamina_net.device.DeviceChannel` on this channel, for kernels (or CPU threads).
+
+        ``local``: Regions of this endpoint (local windows: put sources, signal
+        words to wait on); ``remote``: the peer's RemoteRegions (remote windows).
+        ``gpu``: ring in mapped pinned memory for kernels (default: when a
+        local window is CUDA memory). See ``lamina_net/device.cuh``.
+        """
+        from .device import DeviceChannel
+
+        return DeviceChannel(self, local, remote, ring_slots=ring_slots, timeout=timeout, gpu=gpu, spin_us=spin_us)
+
+    def device_handle(self, local=(), remote=(), **options) -> bytes:
+        """The handle bytes of a new device channel kept with this channel (closed with it)."""
+        dev = self.device(local, remote, **options)
+        self._device_channels = [d for d in getattr(self, "_device_channels", []) if not d.closed] + [dev]
+        return dev.handle()
+
+    def failed(self) -> Optional[str]:
+        """The reason this channel failed, or None."""
+        if self._handle is None:
+            return self._final_failure
+        is_failed, why = self._handle.failed()
+        return why if is_failed else None
+
+    def close(self) -> None:
+        """Closes the channel; the peer sees 'closed'. Idempotent."""
+        for dev in getattr(self, "_device_channels", []):
+            dev.close()  # proxies stop before their channel closes
+        if self._handle is not None:
+            self._handle.close()  # after this the transport writes into no buffer
+            self._pending_recvs = []
+            self._release()
+
+    def _release(self) -> None:
+        # A closed channel kept by the caller must not keep its socket, rings
+        # or mappings: the core object goes with this last reference.
+        if self._handle is not None:
+            self._final_failure = self.failed()
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._handle is None:
+            return "Channel(closed)"
+        return f"Channel(peer={self._handle.peer}, transport={self._handle.transport!r}, closed={self.closed})"
 
 
 class Endpoint:

@@ -2,7 +2,7 @@
 
 Without a GPU, the staging is checked with host memory behind a
 ``__cuda_array_interface__`` and a host copy standing in for the CUDA copy
-(``lamina_net.channel._cuda_copy``): the bytes, the order of copies and receives,
+(``lamina_net.core._cuda_copy``): the bytes, the order of copies and receives,
 sizes, timeouts and failures are the real code's. With a GPU (the device check
 script), torch CUDA tensors go through the real copy.
 """
@@ -16,7 +16,7 @@ import pytest
 
 import lamina_net as ln
 from lamina_net import _core
-from lamina_net import channel as ln_channel
+from lamina_net import core as ln_core
 
 from harness import free_port
 
@@ -40,7 +40,7 @@ def host_copy(monkeypatch):
         copies.append(nbytes)
         ctypes.memmove(dst, src, nbytes)
 
-    monkeypatch.setattr(ln_channel, "_cuda_copy", copy)
+    monkeypatch.setattr(ln_core, "_cuda_copy", copy)
     return copies
 
 
@@ -134,7 +134,7 @@ def test_a_failed_copy_up_is_reported_by_every_later_look(channels, monkeypatch)
         calls.append(nbytes)
         raise ln.TransportError("CUDA not available: injected")
 
-    monkeypatch.setattr(ln_channel, "_cuda_copy", failing_copy)
+    monkeypatch.setattr(ln_core, "_cuda_copy", failing_copy)
     receive = receiver.irecv(HostBackedCudaArray(8))
     sender.send(np.ones(8, np.uint8), timeout=10)
     while not receive.done:  # done swallows it, so that polling loops do not blow up mid-check

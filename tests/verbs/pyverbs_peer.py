@@ -42,7 +42,7 @@ from pyverbs.wr import RecvWR, SGE, SendWR
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TIMEOUT = 60.0
 
-# Wire formats of lamina-net (csrc/memory/region.cpp, csrc/transports/verbs/rc_connection.cpp and rc_message.hpp).
+# Wire formats of lamina-net (csrc/memory/region.cpp, csrc/transports/verbs/rc_connection.cpp).
 DESCRIPTOR = struct.Struct("<IHHIIQQQQIiQ16s")  # magic, version, kind, owner, access, group, id, addr, size, rkey, pid, host
 DESCRIPTOR_MAGIC = 0x4C4E5244
 QP_INFO = struct.Struct("<IIIIHBB16sIIQIQQ")  # magic, version, qpn, psn, lid, mtu, link layer, gid, recv depth,

@@ -6,7 +6,6 @@ set(LAMINA_VERBS_SOURCES
   csrc/transports/verbs/verbs_device.cpp
   csrc/transports/verbs/qp_state.cpp
   csrc/transports/verbs/rc_connection.cpp
-  csrc/transports/verbs/rc_connection_post.cpp
   csrc/transports/verbs/rxe_direct.cpp
   csrc/transports/verbs/direct_probe.cpp
   csrc/transports/verbs/verbs_transport.cpp
