@@ -9,9 +9,10 @@ output and B * (H_kv / N) * d * e of k and of v, which summed over the ranks
 is the planner's (2 q_dim + 2 kv_dim) * e * B bytes per layer.
 
 lamina-net moves it with one batch of puts per rank into pre-registered
-buffers (Channel.put_many: q, k, then v carrying the signal; the output put signals the model rank's word for
-that rank); the same exchange runs over torch.distributed isend/irecv (Gloo
-on CPU, NCCL when every rank has a GPU) for the ratio. No attention is
+buffers (Channel.put_many: q, k, then v carrying the signal; the output put
+signals the model rank's word for that rank); the same exchange runs over
+torch.distributed isend/irecv (Gloo on CPU, NCCL when every rank has a GPU)
+for the ratio. No attention is
 computed: the benchmark times the traffic alone. Data are checked once at the
 end (every byte of the last layer's shards, both ways).
 """
@@ -384,5 +385,6 @@ def print_table(records: list[dict], file=sys.stdout) -> None:
               f"{r['per_layer_us']['p50']:10.1f} {r['per_layer_us']['p99']:10.1f} {r['per_step_us']['p50']:11.1f} "
               f"{r['per_step_us']['p99']:11.1f} {gbps} {cells}", file=file)
     print("times in us; layer: q, k, v head shards to every attention rank (one batch of puts per rank, "
-          "Channel.put_many, into registered buffers; the last put signals) and each rank's attention output back; step: all layers. vs base = lamina-net layer p50 / "
-          "the torch.distributed layer p50, same shapes, this run; speedup = its inverse", file=file)
+          "Channel.put_many, into registered buffers; the last put signals) and each rank's attention output "
+          "back; step: all layers. vs base = lamina-net layer p50 / the torch.distributed layer p50, same "
+          "shapes, this run; speedup = its inverse", file=file)

@@ -482,12 +482,18 @@ class Channel:
             if not isinstance(p, Put):
                 if not isinstance(p, tuple):
                     raise UsageError(f"put_many: item {i} is a {type(p).__name__}, expected a lamina_net.Put")
-                p = Put(*p)
-            ptr, n, owner, cuda = self._source(p.src, p.src_offset, p.nbytes)
-            items.append((ptr, n, self._remote(p.dst), _check_uint("dst_offset", p.dst_offset),
-                          self._remote(p.signal) if p.signal is not None else None,
-                          _check_uint("signal_offset", p.signal_offset), _check_uint("signal_add", p.signal_add),
-                          cuda))
+                try:
+                    p = Put(*p)
+                except TypeError as e:  # too many or too few fields
+                    raise UsageError(f"put {i} of the batch: {e}") from None
+            try:
+                ptr, n, owner, cuda = self._source(p.src, p.src_offset, p.nbytes)
+                items.append((ptr, n, self._remote(p.dst), _check_uint("dst_offset", p.dst_offset),
+                              self._remote(p.signal) if p.signal is not None else None,
+                              _check_uint("signal_offset", p.signal_offset),
+                              _check_uint("signal_add", p.signal_add), cuda))
+            except UsageError as e:  # named like the C++ checks' messages
+                raise UsageError(f"put {i} of the batch: {e}") from None
             keep.append(owner)
         op = self._live().put_many(items, want, _check_timeout(timeout))
         return op, keep, len(items)

@@ -395,6 +395,14 @@ def put_many_batches(rank, world, store, transport, rounds, shared):
                 raise AssertionError(f"put_many({wrong!r}) did not raise")
             except ln.UsageError:
                 pass
+        # Checks made in Python name the put too: a bad field, a tuple of the wrong length.
+        for wrong in ([ln.Put(marker, pt, 0), ln.Put(marker, "not a region", 0)],
+                      [ln.Put(marker, pt), (marker,) * 9]):
+            try:
+                ch.put_many(wrong)
+                raise AssertionError(f"put_many({wrong!r}) did not raise")
+            except ln.UsageError as e:
+                assert "put 1 of the batch" in str(e), str(e)
         ch.put_many([])
         ch.iput_many([]).wait(5)
         ch.put_many([(marker, pt, 960000, 0, 8, ps)])  # a plain tuple of Put's fields

@@ -191,12 +191,9 @@ void StreamConnection::post_puts(const PutOp* ops, size_t n, const OpRef& done, 
       // try_post_small_put); otherwise, and for pulls and GPU sources,
       // post_put's path, where ordering with the frames written before
       // holds too (peer_caught_up_locked).
-      if (!op.src.device && !(last && done) && try_direct_inline(op.src.ptr, op.src.len, op.dst.target,
-                                                                 op.dst.offset, signal)) {
-        ++i;
-        continue;
-      }
-      post_put(op.src, op.dst, signal, last ? done : OpRef(), deadline);
+      const bool written = !op.src.device && !(last && done) &&
+                           try_direct_inline(op.src.ptr, op.src.len, op.dst.target, op.dst.offset, signal);
+      if (!written) post_put(op.src, op.dst, signal, last ? done : OpRef(), deadline);
       ++i;
       continue;
     }
